@@ -1,0 +1,368 @@
+"""Load HAM10000-style data through `datasets`, validate it, split it by lesion, and build transforms.
+
+Every source becomes the same table: image, image_id, lesion_id, dx (+ whatever metadata it has).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image as PILImage
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from timm.data import create_transform, resolve_model_data_config
+from torchvision import transforms as T
+
+from .config import DataConfig
+from .labels import HAM10000_CLASSES
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("image", "image_id", "lesion_id", "dx")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+SPLIT_NAMES = ("train", "validation", "test")
+MAX_LISTED_PROBLEMS = 20
+
+
+class BadDataError(ValueError):
+    """The data has rows that cannot be used; the message lists them."""
+
+
+class LesionLeakError(RuntimeError):
+    """A lesion appears in more than one split."""
+
+
+@dataclass(frozen=True)
+class BadRow:
+    split: str
+    row: int
+    image_id: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.split}[{self.row}] image_id={self.image_id}: {self.reason}"
+
+
+@dataclass
+class LesionData:
+    """The train/validation/test splits of one source, validated and split by lesion."""
+    splits: dict[str, datasets.Dataset]
+    label_names: tuple[str, ...]
+    source: str
+    grouped_by_lesion: bool
+    dropped: list[BadRow] = field(default_factory=list)
+
+    def labels(self, split: str) -> np.ndarray:
+        index = {name: i for i, name in enumerate(self.label_names)}
+        return np.array([index[dx] for dx in self.splits[split]["dx"]], dtype=np.int64)
+
+    def class_counts(self, split: str) -> np.ndarray:
+        return np.bincount(self.labels(split), minlength=len(self.label_names))
+
+    def write_splits_csv(self, path: str | Path) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["image_id", "lesion_id", "dx", "split"])
+            for name in SPLIT_NAMES:
+                ds = self.splits[name]
+                for image_id, lesion_id, dx in zip(ds["image_id"], ds["lesion_id"], ds["dx"]):
+                    writer.writerow([image_id, lesion_id, dx, name])
+
+
+# ---------------------------------------------------------------- sources
+
+def load_source(cfg: DataConfig) -> tuple[dict[str, datasets.Dataset], str, bool]:
+    """Read the configured source: ({split: table}, description, has_lesion_ids).
+
+    A split named "test" is the held-out benchmark and is kept; everything else is pooled for re-splitting
+    under the name "pool".
+    """
+    if bool(cfg.data_dir) == bool(cfg.dataset):
+        raise ValueError("give exactly one data source: --data-dir DIR or --dataset HUB_ID")
+    if cfg.dataset:
+        return _load_hub_dataset(cfg.dataset), f"hub:{cfg.dataset}", True
+    root = Path(cfg.data_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data directory {root} does not exist")
+    split_dirs = _split_dirs(root)
+    if (root / "metadata.csv").is_file() or any((d / "metadata.csv").is_file() for d in split_dirs.values()):
+        return _load_imagefolder_with_metadata(root, split_dirs), f"imagefolder:{root}", True
+    if (root / "HAM10000_metadata.csv").is_file():
+        return {"pool": _load_raw_ham10000(root)}, f"ham10000-raw:{root}", True
+    return _load_class_folders(root, split_dirs), f"class-folders:{root}", False
+
+
+def _load_hub_dataset(name: str) -> dict[str, datasets.Dataset]:
+    """A Hub dataset such as marmal88/skin_cancer. Its published splits overlap, so all are pooled and
+    duplicate image_ids dropped; the split is then redone by lesion."""
+    try:
+        loaded = datasets.load_dataset(name)
+    except Exception as exc:  # network, auth, missing repo: say what to do instead
+        raise RuntimeError(
+            f"could not load dataset {name!r} through `datasets` ({type(exc).__name__}: {exc}). "
+            "Check the network or HF_TOKEN, or use a local copy with --data-dir DIR") from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in loaded[next(iter(loaded))].column_names]
+    if missing:
+        raise BadDataError(f"dataset {name!r} lacks the columns {missing}; need {list(REQUIRED_COLUMNS)}")
+    pooled = datasets.concatenate_datasets([loaded[s] for s in loaded])
+    seen, keep = set(), []
+    for i, image_id in enumerate(pooled["image_id"]):
+        if image_id not in seen:
+            seen.add(image_id)
+            keep.append(i)
+    if len(keep) < len(pooled):
+        logger.info("%s: %d rows across its published splits, %d distinct image_ids kept",
+                    name, len(pooled), len(keep))
+    return {"pool": _normalise(pooled.select(keep))}
+
+
+def _split_dirs(root: Path) -> dict[str, Path]:
+    """Sub-folders named like a split (train, Train, val, validation, test...), case-insensitively."""
+    aliases = {"train": "pool", "training": "pool", "val": "pool", "valid": "pool", "validation": "pool",
+               "test": "test", "testing": "test"}
+    found: dict[str, Path] = {}
+    for child in sorted(root.iterdir()):
+        kind = aliases.get(child.name.lower())
+        if child.is_dir() and kind:
+            found[child.name] = child
+    return found
+
+
+def _load_imagefolder_with_metadata(root: Path, split_dirs: dict[str, Path]) -> dict[str, datasets.Dataset]:
+    """imagefolder layout with metadata.csv (file_name + HAM10000 columns), at the top or per split folder.
+
+    Rows are read from metadata.csv rather than from the files found, so that a row whose file is
+    missing is reported, not silently dropped."""
+    folders = {"pool": [root]} if (root / "metadata.csv").is_file() else {}
+    for name, folder in split_dirs.items():
+        if (folder / "metadata.csv").is_file():
+            kind = "test" if name.lower().startswith("test") else "pool"
+            folders.setdefault(kind, []).append(folder)
+    tables = {}
+    for kind, dirs in folders.items():
+        parts = [_table_from_csv(d / "metadata.csv", lambda row, d=d: d / row["file_name"]) for d in dirs]
+        tables[kind] = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return tables
+
+
+def _load_raw_ham10000(root: Path) -> datasets.Dataset:
+    """The raw HAM10000 download: HAM10000_metadata.csv and the image folders (part_1, part_2...)."""
+    files = {p.stem: p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
+    return _table_from_csv(root / "HAM10000_metadata.csv",
+                           lambda row: files.get(row["image_id"], root / f"{row['image_id']}.jpg"))
+
+
+def _table_from_csv(csv_path: Path, image_path) -> datasets.Dataset:
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise BadDataError(f"{csv_path} has no rows")
+    missing = [c for c in ("image_id", "lesion_id", "dx") if c not in rows[0]]
+    if missing:
+        raise BadDataError(f"{csv_path} lacks the columns {missing}; need image_id, lesion_id, dx")
+    columns = {key: [row[key] or "" for row in rows] for key in rows[0] if key != "file_name"}
+    columns["image"] = [str(image_path(row)) for row in rows]
+    table = datasets.Dataset.from_dict(columns)
+    return _normalise(table.cast_column("image", datasets.Image()))
+
+
+def _load_class_folders(root: Path, split_dirs: dict[str, Path]) -> dict[str, datasets.Dataset]:
+    """A class-per-folder tree (root/<class>/img or root/{Train,Test}/<class>/img): labels from folder names.
+    There are no lesion ids, so each image stands for its own lesion."""
+    data_files = {}
+    for name, folder in split_dirs.items():
+        kind = "test" if name.lower().startswith("test") else "train"
+        data_files.setdefault(kind, []).append(f"{folder}/**")
+    if not data_files:
+        data_files = {"train": f"{root}/**"}
+    loaded = datasets.load_dataset("imagefolder", data_files=data_files)
+    tables = {}
+    for split, table in loaded.items():
+        names = table.features["label"].names
+        paths = table.cast_column("image", datasets.Image(decode=False))["image"]
+        ids = [Path(p["path"]).stem for p in paths]
+        table = table.add_column("image_id", ids).add_column("lesion_id", ids)
+        table = table.add_column("dx", [names[i] for i in table["label"]]).remove_columns("label")
+        tables["test" if split == "test" else "pool"] = _normalise(table)
+    return tables
+
+
+def _normalise(table: datasets.Dataset) -> datasets.Dataset:
+    for column in ("image_id", "lesion_id", "dx"):
+        if table.features[column].dtype != "string":
+            table = table.cast_column(column, datasets.Value("string"))
+    return table
+
+
+# ---------------------------------------------------------------- validation
+
+def validate(tables: dict[str, datasets.Dataset], allowed_labels: set[str] | None,
+             skip_bad_images: bool) -> tuple[dict[str, datasets.Dataset], list[BadRow]]:
+    """Find every row that cannot be used: missing or unreadable image, unknown label, duplicate image_id.
+
+    Raise one BadDataError listing them, or with skip_bad_images drop them and return what was dropped."""
+    bad: list[BadRow] = []
+    seen: dict[str, str] = {}
+    for split, table in tables.items():
+        for row, (image_id, dx) in enumerate(zip(table["image_id"], table["dx"])):
+            if not image_id:
+                bad.append(BadRow(split, row, image_id, "empty image_id"))
+            elif image_id in seen:
+                bad.append(BadRow(split, row, image_id, f"duplicate image_id (also in {seen[image_id]})"))
+            else:
+                seen[image_id] = split
+            if allowed_labels is not None and dx not in allowed_labels:
+                bad.append(BadRow(split, row, image_id,
+                                  f"unknown label {dx!r}; expected one of {sorted(allowed_labels)}"))
+        images = table.cast_column("image", datasets.Image(decode=False))["image"]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            problems = pool.map(image_problem, images)
+            for row, (image_id, problem) in enumerate(zip(table["image_id"], problems)):
+                if problem:
+                    bad.append(BadRow(split, row, image_id, problem))
+    if not bad:
+        return tables, []
+    listing = "\n  ".join(str(b) for b in bad[:MAX_LISTED_PROBLEMS])
+    more = f"\n  ... and {len(bad) - MAX_LISTED_PROBLEMS} more" if len(bad) > MAX_LISTED_PROBLEMS else ""
+    if not skip_bad_images:
+        raise BadDataError(f"{len(bad)} bad row(s) in the data:\n  {listing}{more}\n"
+                           "Fix or remove them, or pass --skip-bad-images to drop them (they are reported).")
+    logger.warning("dropping %d bad row(s):\n  %s%s", len(bad), listing, more)
+    drop = {(b.split, b.row) for b in bad}
+    kept = {split: table.select([i for i in range(len(table)) if (split, i) not in drop])
+            for split, table in tables.items()}
+    return kept, bad
+
+
+def image_problem(image: dict) -> str | None:
+    """Why an image entry ({"path", "bytes"}) cannot be decoded, or None when it can."""
+    source = io.BytesIO(image["bytes"]) if image.get("bytes") else image.get("path")
+    if source is None:
+        return "no image data"
+    if isinstance(source, str) and not Path(source).is_file():
+        return f"missing file {source}"
+    try:
+        with PILImage.open(source) as im:
+            im.draft("RGB", (64, 64))  # decode at reduced scale: still reads the whole stream
+            im.load()
+    except Exception as exc:
+        return f"unreadable image ({type(exc).__name__}: {exc})"
+    return None
+
+
+# ---------------------------------------------------------------- splitting
+
+def lesion_grouped_split(dx: list[str], lesion_ids: list[str], fraction: float,
+                         seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (rest, held_out): held_out is about `fraction` of the rows, stratified by dx, and no lesion
+    has images on both sides."""
+    n_splits = max(2, round(1 / fraction))
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    rest, held_out = next(splitter.split(np.zeros(len(dx)), dx, groups=lesion_ids))
+    return np.sort(rest), np.sort(held_out)
+
+
+def check_no_lesion_leak(splits: dict[str, datasets.Dataset]) -> None:
+    owner: dict[str, str] = {}
+    for name, table in splits.items():
+        for lesion in set(table["lesion_id"]):
+            if lesion in owner and owner[lesion] != name:
+                raise LesionLeakError(f"lesion {lesion} is in both {owner[lesion]} and {name}")
+            owner[lesion] = name
+
+
+def load_lesion_data(cfg: DataConfig, seed: int) -> LesionData:
+    """Source -> validated tables -> train/validation/test split by lesion_id (test kept if provided)."""
+    tables, source, has_lesion_ids = load_source(cfg)
+    all_dx = {dx for t in tables.values() for dx in t["dx"]}
+    # metadata sources use HAM10000 codes, so anything else is a typo; folder names define their own classes
+    ham_like = has_lesion_ids
+    allowed = set(HAM10000_CLASSES) if ham_like else None
+    tables, dropped = validate(tables, allowed, cfg.skip_bad_images)
+    if not has_lesion_ids:
+        message = (f"{source} has no lesion ids: splitting by IMAGE. Several images of one lesion may land "
+                   "in different splits and inflate the scores; prefer a source with lesion_id.")
+        warnings.warn(message, stacklevel=2)
+        logger.warning(message)
+
+    pool = tables["pool"]
+    splits = {}
+    if "test" in tables:
+        splits["test"] = tables["test"]
+    else:
+        rest, test_idx = lesion_grouped_split(pool["dx"], pool["lesion_id"], cfg.test_fraction, seed)
+        splits["test"] = pool.select(test_idx)
+        pool = pool.select(rest)
+    train_idx, val_idx = lesion_grouped_split(pool["dx"], pool["lesion_id"], cfg.val_fraction, seed)
+    splits["train"] = pool.select(train_idx)
+    splits["validation"] = pool.select(val_idx)
+
+    label_names = tuple(sorted(set(splits["train"]["dx"]) | set(splits["validation"]["dx"])))
+    unseen = sorted(set(splits["test"]["dx"]) - set(label_names))
+    if unseen:
+        raise BadDataError(f"test labels {unseen} never occur in train/validation of {source}")
+    if cfg.max_train_samples:
+        splits["train"] = _subsample(splits["train"], cfg.max_train_samples, seed)
+    if cfg.max_eval_samples:
+        for name in ("validation", "test"):
+            splits[name] = _subsample(splits[name], cfg.max_eval_samples, seed)
+    splits = {name: splits[name] for name in SPLIT_NAMES}
+    check_no_lesion_leak(splits)
+    missing = [c for c in label_names if c not in set(splits["train"]["dx"])]
+    if missing:
+        logger.warning("classes %s have no training images after sub-sampling", missing)
+    return LesionData(splits, label_names, source, has_lesion_ids, dropped)
+
+
+def _subsample(table: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
+    """A seeded subset of n rows, stratified by dx where every class can keep a row."""
+    if n >= len(table):
+        return table
+    dx = table["dx"]
+    try:
+        keep, _ = train_test_split(np.arange(len(table)), train_size=n, stratify=dx, random_state=seed)
+    except ValueError:  # too few rows for stratification
+        keep, _ = train_test_split(np.arange(len(table)), train_size=n, random_state=seed)
+    return table.select(np.sort(keep))
+
+
+# ---------------------------------------------------------------- transforms and loaders
+
+def build_transforms(model: torch.nn.Module, cfg: DataConfig) -> tuple[T.Compose, T.Compose, dict]:
+    """(train, eval, data_config) from timm's data config for `model`, with dermoscopy augmentation."""
+    data_config = resolve_model_data_config(model)
+    if cfg.image_size:
+        data_config["input_size"] = (3, cfg.image_size, cfg.image_size)
+    common = dict(input_size=data_config["input_size"], interpolation=data_config["interpolation"],
+                  mean=data_config["mean"], std=data_config["std"])
+    train_tf = create_transform(**common, is_training=True, scale=(0.35, 1.0), hflip=0.5,
+                                vflip=0.5, color_jitter=(0.2, 0.2, 0.15, 0.03))
+    # lesions have no canonical orientation; rotate before the crop so the crop trims the corners
+    train_tf = T.Compose([T.RandomRotation(cfg.rotation_degrees)] + list(train_tf.transforms))
+    eval_tf = create_transform(**common, is_training=False, crop_pct=data_config["crop_pct"],
+                               crop_mode=data_config.get("crop_mode", "center"))
+    return train_tf, eval_tf, data_config
+
+
+def as_torch_dataset(table: datasets.Dataset, label_names: tuple[str, ...], transform) -> datasets.Dataset:
+    """The table with an on-the-fly transform: rows become {"pixel_values", "label"}."""
+    index = {name: i for i, name in enumerate(label_names)}
+
+    def apply(batch):
+        return {"pixel_values": [transform(im.convert("RGB")) for im in batch["image"]],
+                "label": [index[dx] for dx in batch["dx"]]}
+
+    return table.select_columns(["image", "dx"]).with_transform(apply)
+
+
+def collate(examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.stack([e["pixel_values"] for e in examples]),
+            torch.tensor([e["label"] for e in examples], dtype=torch.long))

@@ -1,0 +1,297 @@
+"""Fine-tune timm backbones on HAM10000 under identical conditions with Accelerate, evaluate, and report.
+
+    python train.py --data-dir DIR --backbones resnet18 efficientnet_b0 convnextv2_nano --output-dir runs/NAME
+    accelerate launch --num_processes 2 train.py ...   (or torchrun --nproc_per_node 2 train.py ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file
+from sklearn.metrics import log_loss
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch.utils.data import DataLoader
+
+from dermadetect.config import DEFAULT_BACKBONES, RunConfig, replace_nested
+from dermadetect.data import LesionData, as_torch_dataset, build_transforms, collate, load_lesion_data
+from dermadetect.engine import (TrainerState, load_checkpoint, make_accelerator, predict, save_checkpoint,
+                                set_seed, train_one_epoch)
+from dermadetect.labels import DISCLAIMER, melanoma_index
+from dermadetect.metrics import classification_metrics, json_safe
+from dermadetect.models import count_parameters, create_backbone
+from dermadetect.report import write_backbone_plots, write_comparison
+
+logger = logging.getLogger("dermadetect.train")
+
+BEST_DIR = "best"
+METRICS_FILE = "metrics.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=DISCLAIMER)
+    p.add_argument("--config", help="YAML file with run settings (sections data/model/train); flags override it")
+    src = p.add_argument_group("data")
+    src.add_argument("--data-dir", help="local folder: imagefolder+metadata.csv, raw HAM10000, or class folders")
+    src.add_argument("--dataset", help="Hub dataset id, e.g. marmal88/skin_cancer")
+    src.add_argument("--val-fraction", type=float)
+    src.add_argument("--test-fraction", type=float, help="used only when the source has no test split")
+    src.add_argument("--skip-bad-images", action="store_true", default=None,
+                     help="drop (and report) unreadable/missing/mislabelled/duplicate rows instead of failing")
+    src.add_argument("--max-train-samples", type=int)
+    src.add_argument("--max-eval-samples", type=int, help="cap validation and test (small runs only)")
+    src.add_argument("--image-size", type=int, help="square input size (default: the backbone's own)")
+    src.add_argument("--num-workers", type=int)
+    mdl = p.add_argument_group("models")
+    mdl.add_argument("--backbones", nargs="+", help=f"timm model names (default: {' '.join(DEFAULT_BACKBONES)})")
+    mdl.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None,
+                     help="start from random weights")
+    mdl.add_argument("--pretrained-file", help="local ImageNet weights file (safetensors) instead of the Hub")
+    trn = p.add_argument_group("training")
+    trn.add_argument("--epochs", type=int)
+    trn.add_argument("--batch-size", type=int)
+    trn.add_argument("--lr", type=float)
+    trn.add_argument("--weight-decay", type=float)
+    trn.add_argument("--warmup-epochs", type=int)
+    trn.add_argument("--label-smoothing", type=float)
+    trn.add_argument("--class-weighting", choices=["none", "balanced"])
+    trn.add_argument("--gradient-accumulation-steps", type=int)
+    trn.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    trn.add_argument("--max-steps", type=int, help="stop each backbone after this many optimizer steps")
+    trn.add_argument("--seed", type=int)
+    p.add_argument("--output-dir", help="run folder (default runs/default)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
+    p.add_argument("--eval-only", action="store_true",
+                   help="re-evaluate the best checkpoints in --output-dir; writes metrics_eval.json")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    """Defaults <- YAML file <- command-line flags."""
+    cfg = RunConfig.from_dict(yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else RunConfig()
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    sections = {}
+    for section in ("data", "model", "train"):
+        fields = asdict(getattr(cfg, section)).keys()
+        sections[section] = {k: given[k] for k in fields if k in given}
+    if "backbones" in given:
+        sections["backbones"] = tuple(given["backbones"])
+    if "output_dir" in given:
+        sections["output_dir"] = given["output_dir"]
+    return replace_nested(cfg, **sections)
+
+
+def init_description(cfg: RunConfig) -> str:
+    if cfg.model.pretrained_file:
+        return f"ImageNet (file {Path(cfg.model.pretrained_file).name})"
+    return "ImageNet (timm, Hub)" if cfg.model.pretrained else "random"
+
+
+def make_loaders(data: LesionData, train_tf, eval_tf, cfg: RunConfig) -> dict[str, DataLoader]:
+    loaders = {}
+    for split in ("train", "validation", "test"):
+        dataset = as_torch_dataset(data.splits[split], data.label_names, train_tf if split == "train" else eval_tf)
+        loaders[split] = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=(split == "train"),
+                                    num_workers=cfg.data.num_workers, collate_fn=collate)
+        # workers are not persistent: each epoch's workers are seeded from the (checkpointed) main RNG,
+        # which is what lets --resume repeat the augmentations exactly
+    return loaders
+
+
+def make_loss(data: LesionData, cfg: RunConfig) -> torch.nn.Module:
+    weight = None
+    if cfg.train.class_weighting == "balanced":
+        counts = np.maximum(data.class_counts("train"), 1)
+        weight = torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32)
+    return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
+
+
+def evaluate_split(model, loader, accelerator, data: LesionData, split: str) -> tuple[dict, np.ndarray, np.ndarray]:
+    probs, labels = predict(model, loader, accelerator)
+    metrics = classification_metrics(labels, probs, data.label_names, melanoma_index(data.label_names))
+    metrics["loss"] = log_loss(labels, probs, labels=np.arange(len(data.label_names)))
+    return metrics, probs, labels
+
+
+def write_predictions(path: Path, table, label_names, labels, probs) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_id", "lesion_id", "label", "pred"] + [f"prob_{n}" for n in label_names])
+        for image_id, lesion_id, y, p in zip(table["image_id"], table["lesion_id"], labels, probs):
+            writer.writerow([image_id, lesion_id, label_names[y], label_names[int(p.argmax())]] +
+                            [f"{v:.6f}" for v in p])
+
+
+def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run_dir: Path,
+                   resume: bool) -> dict:
+    """Train one backbone, keep its best validation checkpoint, score it on validation and test."""
+    out = run_dir / name
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(cfg.train.seed)  # every backbone starts from the same seed: identical conditions
+
+    model = create_backbone(name, len(data.label_names), cfg.model)
+    train_tf, eval_tf, data_config = build_transforms(model, cfg.data)
+    loaders = make_loaders(data, train_tf, eval_tf, cfg)
+    # timm's factory: AdamW with no weight decay on norm layers and biases
+    optimizer = create_optimizer_v2(model, opt=cfg.train.optimizer, lr=cfg.train.lr,
+                                    weight_decay=cfg.train.weight_decay, filter_bias_and_bn=True)
+    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+        model, optimizer, loaders["train"], loaders["validation"], loaders["test"])
+    loss_fn = make_loss(data, cfg).to(accelerator.device)
+    updates_per_epoch = math.ceil(len(train_loader) / cfg.train.gradient_accumulation_steps)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.train.scheduler, num_epochs=cfg.train.epochs,
+                                       warmup_epochs=cfg.train.warmup_epochs, min_lr=cfg.train.min_lr,
+                                       warmup_lr=cfg.train.lr * 0.01, step_on_epochs=False,
+                                       updates_per_epoch=updates_per_epoch)
+
+    state = (load_checkpoint(accelerator, out) if resume else None) or TrainerState()
+    if state.epoch:
+        accelerator.print(f"{name}: resuming after epoch {state.epoch} (step {state.global_step})")
+    for epoch in range(state.epoch, cfg.train.epochs):
+        if cfg.train.max_steps and state.global_step >= cfg.train.max_steps:
+            break
+        train_loader.set_epoch(epoch)
+        stats = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, accelerator, state,
+                                cfg.train.max_steps)
+        val, _, _ = evaluate_split(model, val_loader, accelerator, data, "validation")
+        state.epoch = epoch + 1
+        state.train_seconds += stats["train_seconds"]
+        state.train_images += stats["train_images"]
+        state.history.append({"epoch": state.epoch, "step": state.global_step, **stats, "val_loss": val["loss"],
+                              "val_accuracy": val["accuracy"],
+                              "val_balanced_accuracy": val["balanced_accuracy"]})
+        if val["balanced_accuracy"] > state.best_metric:
+            state.best_metric, state.best_epoch = val["balanced_accuracy"], state.epoch
+            accelerator.save_model(model, out / BEST_DIR, safe_serialization=True)
+        accelerator.print(f"{name} epoch {state.epoch}/{cfg.train.epochs}: loss {stats['train_loss']:.4f} "
+                          f"val bal-acc {val['balanced_accuracy']:.4f} acc {val['accuracy']:.4f} "
+                          f"({stats['train_images'] / stats['train_seconds']:.1f} img/s)")
+        save_checkpoint(accelerator, state, out)
+
+    row = score_best(name, model, {"validation": val_loader, "test": test_loader}, data, accelerator, out)
+    if accelerator.is_main_process:
+        row.update(init=init_description(cfg), parameters=count_parameters(accelerator.unwrap_model(model)),
+                   best_epoch=state.best_epoch, epochs_run=state.epoch, steps=state.global_step,
+                   train_seconds=state.train_seconds,
+                   train_images_per_second=state.train_images / max(state.train_seconds, 1e-9),
+                   data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+                   history=state.history)
+        (out / METRICS_FILE).write_text(json.dumps(row, indent=1, allow_nan=False))
+        labels, probs = _read_predictions(out / "predictions_test.csv", data.label_names)
+        write_backbone_plots(labels, probs, data.label_names, state.history, out, name)
+    accelerator.free_memory(model, optimizer, train_loader, val_loader, test_loader)
+    return row
+
+
+def score_best(name, model, loaders, data: LesionData, accelerator, out: Path, tag: str = "") -> dict:
+    """Load the best checkpoint into `model`, evaluate validation and test, write predictions."""
+    accelerator.unwrap_model(model).load_state_dict(load_file(out / BEST_DIR / "model.safetensors"))
+    row = {"backbone": name, "checkpoint": str(out / BEST_DIR / "model.safetensors"),
+           "test_split": data.source + " test", "num_processes": accelerator.num_processes}
+    for split, loader in loaders.items():
+        metrics, probs, labels = evaluate_split(model, loader, accelerator, data, split)
+        row[split] = json_safe(metrics)
+        if accelerator.is_main_process:
+            write_predictions(out / f"predictions{tag}_{split}.csv", data.splits[split], data.label_names,
+                              labels, probs)
+    return row
+
+
+def _read_predictions(path: Path, label_names) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels = np.array([label_names.index(r["label"]) for r in rows])
+    probs = np.array([[float(r[f"prob_{n}"]) for n in label_names] for r in rows])
+    return labels, probs
+
+
+def evaluate_only(data: LesionData, cfg: RunConfig, accelerator, run_dir: Path) -> None:
+    for name in cfg.backbones:
+        out = run_dir / name
+        if not (out / BEST_DIR / "model.safetensors").is_file():
+            raise FileNotFoundError(f"no checkpoint at {out / BEST_DIR}; train {name} first")
+        model = create_backbone(name, len(data.label_names), replace_nested(cfg, model={"pretrained": False,
+                                                                                        "pretrained_file": None}).model)
+        _, eval_tf, _ = build_transforms(model, cfg.data)
+        loaders = {split: DataLoader(as_torch_dataset(data.splits[split], data.label_names, eval_tf),
+                                     batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
+                                     collate_fn=collate) for split in ("validation", "test")}
+        model, val_loader, test_loader = accelerator.prepare(model, loaders["validation"], loaders["test"])
+        row = score_best(name, model, {"validation": val_loader, "test": test_loader}, data, accelerator, out,
+                         tag="_eval")
+        if accelerator.is_main_process:
+            (out / "metrics_eval.json").write_text(json.dumps(row, indent=1, allow_nan=False))
+        accelerator.print(f"{name}: validation bal-acc {row['validation']['balanced_accuracy']:.4f} "
+                          f"on {accelerator.num_processes} process(es)")
+        accelerator.free_memory(model, val_loader, test_loader)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = build_config(args)
+    run_dir = Path(cfg.output_dir)
+    if args.eval_only and args.resume:
+        raise SystemExit("--eval-only and --resume exclude each other")
+    if not (args.resume or args.eval_only) and (run_dir / "config.json").exists():
+        raise SystemExit(f"{run_dir} already holds a run: pass --resume to continue it, "
+                         "or choose another --output-dir")
+    if args.resume or args.eval_only:
+        saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())["config"])
+        if saved != cfg:
+            raise SystemExit(f"the settings differ from the ones saved in {run_dir}/config.json; "
+                             "resume and evaluate with the same settings")
+
+    accelerator = make_accelerator(cfg.train)
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.ERROR,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # it logs every file of every checkpoint
+    set_seed(cfg.train.seed)
+    data = load_lesion_data(cfg.data, seed=cfg.train.seed)
+    accelerator.print(f"data: {data.source}; classes {list(data.label_names)}; "
+                      + ", ".join(f"{s} {len(t)}" for s, t in data.splits.items()))
+    if args.eval_only:
+        evaluate_only(data, cfg, accelerator, run_dir)
+        return 0
+
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(
+            {"config": cfg.to_dict(), "command": sys.argv, "num_processes": accelerator.num_processes,
+             "torch": torch.__version__, "label_names": list(data.label_names),
+             "split_sizes": {s: len(t) for s, t in data.splits.items()}}, indent=1))
+        data.write_splits_csv(run_dir / "splits.csv")
+        if data.dropped:
+            with open(run_dir / "dropped_rows.csv", "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["split", "row", "image_id", "reason"])
+                writer.writerows([b.split, b.row, b.image_id, b.reason] for b in data.dropped)
+
+    rows = []
+    for name in cfg.backbones:
+        finished = run_dir / name / METRICS_FILE
+        if args.resume and finished.is_file():
+            accelerator.print(f"{name}: already finished, kept")
+            rows.append(json.loads(finished.read_text()))
+            continue
+        rows.append(train_backbone(name, data, cfg, accelerator, run_dir, args.resume))
+    if accelerator.is_main_process:
+        comparison = write_comparison(rows, run_dir)
+        accelerator.print((run_dir / "comparison.md").read_text())
+        accelerator.print(f"best on validation: {comparison['best_backbone']}")
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
