@@ -129,8 +129,9 @@ def write_predictions(path: Path, table, label_names, labels, probs) -> None:
         writer = csv.writer(f)
         writer.writerow(["image_id", "lesion_id", "label", "pred"] + [f"prob_{n}" for n in label_names])
         for image_id, lesion_id, y, p in zip(table["image_id"], table["lesion_id"], labels, probs):
+            # 9 significant digits: float32 probabilities round-trip exactly, so metrics recompute exactly
             writer.writerow([image_id, lesion_id, label_names[y], label_names[int(p.argmax())]] +
-                            [f"{v:.6f}" for v in p])
+                            [f"{v:.9g}" for v in p])
 
 
 def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run_dir: Path,

@@ -82,8 +82,8 @@ class LesionData:
 def load_source(cfg: DataConfig) -> tuple[dict[str, datasets.Dataset], str, bool]:
     """Read the configured source: ({split: table}, description, has_lesion_ids).
 
-    A split named "test" is the held-out benchmark and is kept; everything else is pooled for re-splitting
-    under the name "pool".
+    A split named "test" is the held-out benchmark and is kept; everything else is pooled under "train"
+    and later cut into train and validation by lesion.
     """
     if bool(cfg.data_dir) == bool(cfg.dataset):
         raise ValueError("give exactly one data source: --data-dir DIR or --dataset HUB_ID")
@@ -96,7 +96,7 @@ def load_source(cfg: DataConfig) -> tuple[dict[str, datasets.Dataset], str, bool
     if (root / "metadata.csv").is_file() or any((d / "metadata.csv").is_file() for d in split_dirs.values()):
         return _load_imagefolder_with_metadata(root, split_dirs), f"imagefolder:{root}", True
     if (root / "HAM10000_metadata.csv").is_file():
-        return {"pool": _load_raw_ham10000(root)}, f"ham10000-raw:{root}", True
+        return {"train": _load_raw_ham10000(root)}, f"ham10000-raw:{root}", True
     return _load_class_folders(root, split_dirs), f"class-folders:{root}", False
 
 
@@ -121,13 +121,13 @@ def _load_hub_dataset(name: str) -> dict[str, datasets.Dataset]:
     if len(keep) < len(pooled):
         logger.info("%s: %d rows across its published splits, %d distinct image_ids kept",
                     name, len(pooled), len(keep))
-    return {"pool": _normalise(pooled.select(keep))}
+    return {"train": _normalise(pooled.select(keep))}
 
 
 def _split_dirs(root: Path) -> dict[str, Path]:
     """Sub-folders named like a split (train, Train, val, validation, test...), case-insensitively."""
-    aliases = {"train": "pool", "training": "pool", "val": "pool", "valid": "pool", "validation": "pool",
-               "test": "test", "testing": "test"}
+    aliases = {"train": "train", "training": "train", "val": "train", "valid": "train", "validation": "train",
+               "test": "test", "testing": "test"}  # the value: which table the folder's rows go to
     found: dict[str, Path] = {}
     for child in sorted(root.iterdir()):
         kind = aliases.get(child.name.lower())
@@ -141,10 +141,10 @@ def _load_imagefolder_with_metadata(root: Path, split_dirs: dict[str, Path]) -> 
 
     Rows are read from metadata.csv rather than from the files found, so that a row whose file is
     missing is reported, not silently dropped."""
-    folders = {"pool": [root]} if (root / "metadata.csv").is_file() else {}
+    folders = {"train": [root]} if (root / "metadata.csv").is_file() else {}
     for name, folder in split_dirs.items():
         if (folder / "metadata.csv").is_file():
-            kind = "test" if name.lower().startswith("test") else "pool"
+            kind = "test" if name.lower().startswith("test") else "train"
             folders.setdefault(kind, []).append(folder)
     tables = {}
     for kind, dirs in folders.items():
@@ -191,7 +191,7 @@ def _load_class_folders(root: Path, split_dirs: dict[str, Path]) -> dict[str, da
         ids = [Path(p["path"]).stem for p in paths]
         table = table.add_column("image_id", ids).add_column("lesion_id", ids)
         table = table.add_column("dx", [names[i] for i in table["label"]]).remove_columns("label")
-        tables["test" if split == "test" else "pool"] = _normalise(table)
+        tables["test" if split == "test" else "train"] = _normalise(table)
     return tables
 
 
@@ -293,7 +293,7 @@ def load_lesion_data(cfg: DataConfig, seed: int) -> LesionData:
         warnings.warn(message, stacklevel=2)
         logger.warning(message)
 
-    pool = tables["pool"]
+    pool = tables["train"]
     splits = {}
     if "test" in tables:
         splits["test"] = tables["test"]

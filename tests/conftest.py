@@ -1,0 +1,76 @@
+"""Shared fixtures: the real HAM10000 data from DERMADETECT_DATA, and small run folders built from it."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path | None:
+    value = os.environ.get("DERMADETECT_DATA")
+    return Path(value).expanduser().resolve() if value else None
+
+
+@pytest.fixture(scope="session")
+def ham224() -> Path:
+    """../shared/data/ham10000-224 (train/ and test/ with metadata.csv)."""
+    root = data_root()
+    if root is None:
+        pytest.skip("DERMADETECT_DATA is not set: point it at the shared data folder (it holds ham10000-224/)")
+    path = root / "ham10000-224"
+    if not (path / "train" / "metadata.csv").is_file():
+        pytest.skip(f"DERMADETECT_DATA={root} has no ham10000-224/train/metadata.csv")
+    return path
+
+
+def read_metadata(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_metadata(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def pick_rows(rows: list[dict], per_class: int) -> list[dict]:
+    """The first `per_class` rows of every class, in file order."""
+    taken: dict[str, int] = {}
+    picked = []
+    for row in rows:
+        if taken.get(row["dx"], 0) < per_class:
+            taken[row["dx"]] = taken.get(row["dx"], 0) + 1
+            picked.append(row)
+    return picked
+
+
+def make_imagefolder(src: Path, dst: Path, per_class_train: int, per_class_test: int) -> Path:
+    """A small imagefolder copy of ham10000-224 (images linked, not copied) with every class in both splits."""
+    for split, per_class in (("train", per_class_train), ("test", per_class_test)):
+        (dst / split).mkdir(parents=True)
+        rows = pick_rows(read_metadata(src / split / "metadata.csv"), per_class)
+        for row in rows:
+            (dst / split / row["file_name"]).symlink_to(src / split / row["file_name"])
+        write_metadata(dst / split / "metadata.csv", rows)
+    return dst
+
+
+def run_train(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """train.py in a fresh process, as a user runs it."""
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, capture_output=True,
+                            text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+SMALL_RUN = ("--no-pretrained", "--image-size", "64", "--batch-size", "16", "--num-workers", "0")

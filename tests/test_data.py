@@ -1,0 +1,210 @@
+"""The data layer on real HAM10000 images: every source layout, the lesion-grouped split, bad-data handling."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import shutil
+
+import datasets
+import numpy as np
+import pytest
+
+from conftest import make_imagefolder, pick_rows, read_metadata, write_metadata
+from dermadetect.config import DataConfig
+from dermadetect.data import (BadDataError, LesionLeakError, check_no_lesion_leak, lesion_grouped_split,
+                              load_lesion_data)
+from dermadetect.labels import HAM10000_CLASSES
+
+
+@pytest.fixture(scope="module")
+def full_data(ham224):
+    return load_lesion_data(DataConfig(data_dir=str(ham224)), seed=42)
+
+
+def test_real_split_keeps_isic_test_and_separates_lesions(full_data, ham224):
+    assert full_data.label_names == HAM10000_CLASSES
+    test_ids = {r["image_id"] for r in read_metadata(ham224 / "test" / "metadata.csv")}
+    assert set(full_data.splits["test"]["image_id"]) == test_ids  # the ISIC 2018 test set, untouched
+    train_rows = read_metadata(ham224 / "train" / "metadata.csv")
+    assert len(full_data.splits["train"]) + len(full_data.splits["validation"]) == len(train_rows)
+    lesions = {s: set(t["lesion_id"]) for s, t in full_data.splits.items()}
+    assert not lesions["train"] & lesions["validation"]
+    assert not lesions["train"] & lesions["test"]
+    assert not lesions["validation"] & lesions["test"]
+
+
+def test_real_split_every_class_present_and_stratified(full_data):
+    train = full_data.class_counts("train") / len(full_data.splits["train"])
+    val = full_data.class_counts("validation") / len(full_data.splits["validation"])
+    assert (full_data.class_counts("train") > 0).all()
+    assert (full_data.class_counts("validation") > 0).all()
+    np.testing.assert_allclose(val, train, atol=0.02)  # class shares within 2 points
+    assert 0.12 < len(full_data.splits["validation"]) / (len(full_data.splits["train"]) +
+                                                         len(full_data.splits["validation"])) < 0.18
+
+
+def test_splits_csv_lists_exactly_the_tables(full_data, tmp_path):
+    full_data.write_splits_csv(tmp_path / "splits.csv")
+    with open(tmp_path / "splits.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    by_split = collections.defaultdict(list)
+    for row in rows:
+        by_split[row["split"]].append((row["image_id"], row["lesion_id"], row["dx"]))
+    for name, table in full_data.splits.items():
+        assert by_split[name] == list(zip(table["image_id"], table["lesion_id"], table["dx"]))
+
+
+def test_lesions_with_several_images_never_straddle_splits(ham224, tmp_path):
+    """HAM10000 has up to 6 images per lesion; the shared copy has one, so group real images into lesions."""
+    src = ham224 / "train"
+    rows = sorted(pick_rows(read_metadata(src / "metadata.csv"), per_class=24), key=lambda r: r["dx"])
+    rng = np.random.default_rng(0)
+    (tmp_path / "train").mkdir()
+    grouped, i = [], 0
+    while i < len(rows):
+        size = int(rng.integers(1, 5))
+        group = [r for r in rows[i:i + size] if r["dx"] == rows[i]["dx"]]
+        for row in group:
+            grouped.append({**row, "lesion_id": f"L{i:05d}"})
+            (tmp_path / "train" / row["file_name"]).symlink_to(src / row["file_name"])
+        i += len(group)
+    write_metadata(tmp_path / "train" / "metadata.csv", grouped)
+    data = load_lesion_data(DataConfig(data_dir=str(tmp_path), val_fraction=0.2, test_fraction=0.2), seed=3)
+    owners = collections.defaultdict(set)
+    for name, table in data.splits.items():
+        for lesion in table["lesion_id"]:
+            owners[lesion].add(name)
+    assert max(len(v) for v in owners.values()) == 1
+    assert sum(len(t) for t in data.splits.values()) == len(grouped)
+    assert max(collections.Counter(r["lesion_id"] for r in grouped).values()) > 1  # the case is exercised
+
+
+def test_leak_check_raises():
+    a = datasets.Dataset.from_dict({"lesion_id": ["L1", "L2"]})
+    b = datasets.Dataset.from_dict({"lesion_id": ["L3", "L2"]})
+    with pytest.raises(LesionLeakError, match="L2"):
+        check_no_lesion_leak({"train": a, "validation": b})
+
+
+def test_grouped_split_is_seeded():
+    dx = ["a"] * 30 + ["b"] * 30
+    lesions = [f"L{i // 2}" for i in range(60)]
+    first = lesion_grouped_split(dx, lesions, 0.2, seed=1)
+    again = lesion_grouped_split(dx, lesions, 0.2, seed=1)
+    other = lesion_grouped_split(dx, lesions, 0.2, seed=2)
+    assert all(np.array_equal(x, y) for x, y in zip(first, again))
+    assert not np.array_equal(first[1], other[1])
+
+
+def test_hub_dataset_with_overlapping_splits_is_pooled_and_resplit(ham224, tmp_path):
+    """The layout of marmal88/skin_cancer (parquet splits that share images), loaded through datasets."""
+    rows = pick_rows(read_metadata(ham224 / "train" / "metadata.csv"), per_class=12)
+    table = datasets.Dataset.from_dict({
+        "image": [str(ham224 / "train" / r["file_name"]) for r in rows],
+        "image_id": [r["image_id"] for r in rows], "lesion_id": [r["lesion_id"] for r in rows],
+        "dx": [r["dx"] for r in rows], "dx_type": [r["dx_type"] for r in rows],
+    }).cast_column("image", datasets.Image())
+    (tmp_path / "data").mkdir()
+    n = len(table)
+    for split, idx in (("train", range(0, int(n * 0.8))), ("validation", range(int(n * 0.6), n)),
+                       ("test", range(int(n * 0.5), n))):
+        table.select(idx).to_parquet(str(tmp_path / "data" / f"{split}-00000-of-00001.parquet"))
+    data = load_lesion_data(DataConfig(dataset=str(tmp_path)), seed=0)
+    ids = [i for t in data.splits.values() for i in t["image_id"]]
+    assert sorted(ids) == sorted(table["image_id"])  # every image once: duplicates across splits dropped
+    assert data.source.startswith("hub:")
+    check_no_lesion_leak(data.splits)
+    assert data.splits["train"][0]["image"].size == (224, 224)
+
+
+def test_raw_ham10000_layout(ham224, tmp_path):
+    rows = pick_rows(read_metadata(ham224 / "train" / "metadata.csv"), per_class=6)
+    for i, row in enumerate(rows):
+        part = tmp_path / f"HAM10000_images_part_{1 + i % 2}"
+        part.mkdir(exist_ok=True)
+        (part / row["file_name"]).symlink_to(ham224 / "train" / row["file_name"])
+    write_metadata(tmp_path / "HAM10000_metadata.csv", [{k: v for k, v in r.items() if k != "file_name"}
+                                                        for r in rows])
+    data = load_lesion_data(DataConfig(data_dir=str(tmp_path), val_fraction=0.25, test_fraction=0.25), seed=0)
+    assert data.source.startswith("ham10000-raw:")
+    assert sum(len(t) for t in data.splits.values()) == len(rows)
+    assert data.label_names == HAM10000_CLASSES
+
+
+def test_class_folders_warn_and_split_by_image(ham224, tmp_path):
+    """The ISIC 9-class layout: Train/<class>/ and Test/<class>/, labels from the folder names."""
+    names = {"mel": "melanoma", "nv": "nevus", "bcc": "basal cell carcinoma"}
+    for split, per_class in (("Train", 8), ("Test", 3)):
+        rows = pick_rows(read_metadata(ham224 / "train" / "metadata.csv"), per_class=per_class + 8)
+        for code, name in names.items():
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            chosen = [r for r in rows if r["dx"] == code]
+            chosen = chosen[:per_class] if split == "Test" else chosen[per_class:per_class + 8]
+            for row in chosen:
+                (folder / row["file_name"]).symlink_to(ham224 / "train" / row["file_name"])
+    with pytest.warns(UserWarning, match="no lesion ids"):
+        data = load_lesion_data(DataConfig(data_dir=str(tmp_path), val_fraction=0.25), seed=0)
+    assert data.label_names == tuple(sorted(names.values()))
+    assert len(data.splits["test"]) == 9
+    assert not data.grouped_by_lesion
+
+
+@pytest.fixture()
+def bad_folder(ham224, tmp_path):
+    """A small imagefolder with one of each problem: truncated JPEG, missing file, unknown label, duplicate id."""
+    root = make_imagefolder(ham224, tmp_path / "bad", per_class_train=6, per_class_test=2)
+    rows = read_metadata(root / "train" / "metadata.csv")
+    truncated = root / "train" / rows[0]["file_name"]
+    data = truncated.read_bytes()
+    truncated.unlink()
+    truncated.write_bytes(data[: len(data) // 2])
+    (root / "train" / rows[1]["file_name"]).unlink()
+    rows[2]["dx"] = "melanomaa"
+    rows.append({**rows[3]})  # the same image_id twice
+    write_metadata(root / "train" / "metadata.csv", rows)
+    return root, rows
+
+
+def test_bad_rows_give_one_clear_error(bad_folder):
+    root, rows = bad_folder
+    with pytest.raises(BadDataError) as err:
+        load_lesion_data(DataConfig(data_dir=str(root)), seed=0)
+    message = str(err.value)
+    assert message.startswith("4 bad row(s)")
+    assert rows[0]["image_id"] in message and "unreadable image" in message
+    assert rows[1]["image_id"] in message and "missing file" in message
+    assert "unknown label 'melanomaa'" in message
+    assert f"image_id={rows[3]['image_id']}: duplicate image_id" in message
+    assert "--skip-bad-images" in message
+
+
+def test_skip_bad_images_drops_and_reports(bad_folder):
+    root, rows = bad_folder
+    data = load_lesion_data(DataConfig(data_dir=str(root), skip_bad_images=True, val_fraction=0.25), seed=0)
+    assert sorted(b.image_id for b in data.dropped) == sorted(r["image_id"] for r in rows[:4])
+    kept = set(data.splits["train"]["image_id"]) | set(data.splits["validation"]["image_id"])
+    assert not kept & {rows[0]["image_id"], rows[1]["image_id"], rows[2]["image_id"]}
+    assert rows[3]["image_id"] in kept  # its first occurrence stays
+    assert len(data.splits["train"]) + len(data.splits["validation"]) == len(rows) - 4
+
+
+def test_error_listing_is_capped_at_twenty(ham224, tmp_path):
+    root = make_imagefolder(ham224, tmp_path / "many", per_class_train=5, per_class_test=1)
+    rows = read_metadata(root / "train" / "metadata.csv")
+    for row in rows[:25]:
+        row["dx"] = "unknown"
+    write_metadata(root / "train" / "metadata.csv", rows)
+    with pytest.raises(BadDataError) as err:
+        load_lesion_data(DataConfig(data_dir=str(root)), seed=0)
+    assert "... and 5 more" in str(err.value)
+    assert str(err.value).count("unknown label") == 20
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="exactly one data source"):
+        load_lesion_data(DataConfig(), seed=0)
+    with pytest.raises(FileNotFoundError):
+        load_lesion_data(DataConfig(data_dir=str(tmp_path / "nope")), seed=0)
+    shutil.rmtree(tmp_path)

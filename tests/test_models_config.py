@@ -1,0 +1,60 @@
+"""Backbone creation, pretrained init and the typed configuration."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from dermadetect.config import RunConfig, replace_nested
+from dermadetect.models import DEFAULT_REGISTRY, ModelConfig, create_backbone, target_layer
+
+
+@pytest.mark.parametrize("name", DEFAULT_REGISTRY + ("efficientnet_lite0",))
+def test_backbones_have_head_and_cam_layer(name):
+    model = create_backbone(name, 7, ModelConfig(pretrained=False))
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 7)
+    layer = target_layer(model, name)
+    features = {}
+    layer.register_forward_hook(lambda m, i, o: features.setdefault("x", o))
+    model(torch.randn(1, 3, 64, 64))
+    assert features["x"].ndim == 4  # a spatial map, which Grad-CAM needs
+
+
+def test_pretrained_file_loads_imagenet_weights():
+    path = REPO.parent / "shared" / "weights" / "efficientnet_lite0.in1k.safetensors"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    model = create_backbone("efficientnet_lite0", 7, ModelConfig(pretrained_file=str(path)))
+    weights = load_file(path)
+    assert torch.equal(model.conv_stem.weight, weights["conv_stem.weight"])
+    assert model.get_classifier().out_features == 7
+
+
+def test_missing_download_names_both_alternatives(tmp_path):
+    code = ("from dermadetect.models import create_backbone, ModelConfig\n"
+            "create_backbone('resnet18', 7, ModelConfig())")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "PretrainedWeightsError" in result.stderr
+    assert "--pretrained-file" in result.stderr and "--no-pretrained" in result.stderr
+
+
+def test_unknown_model_and_config_keys_fail_loudly():
+    with pytest.raises(ValueError, match="unknown timm model"):
+        create_backbone("resnet_does_not_exist", 7, ModelConfig(pretrained=False))
+    with pytest.raises(ValueError, match="unknown key"):
+        RunConfig.from_dict({"train": {"epochz": 3}})
+    with pytest.raises(ValueError, match="unknown config key"):
+        RunConfig.from_dict({"backbone": ["resnet18"]})
+
+
+def test_config_round_trips_through_dict():
+    cfg = replace_nested(RunConfig(), train={"epochs": 2}, backbones=("resnet18",))
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.train.epochs == 2 and cfg.train.lr == RunConfig().train.lr

@@ -1,0 +1,167 @@
+"""train.py end to end on real images: artifacts, metrics, data-parallel evaluation, resume after a kill."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, SMALL_RUN, make_imagefolder, read_metadata, run_train, write_metadata
+from dermadetect.config import DEFAULT_BACKBONES
+from dermadetect.labels import melanoma_index
+from dermadetect.metrics import classification_metrics
+
+PER_BACKBONE_FILES = ("metrics.json", "confusion_matrix.png", "roc_curves.png", "training_curves.png",
+                      "predictions_validation.csv", "predictions_test.csv", "best/model.safetensors",
+                      "state/trainer_state.json")
+
+
+@pytest.fixture(scope="module")
+def small_data(ham224, tmp_path_factory):
+    """About 100 real training images (every class) and 42 test images."""
+    return make_imagefolder(ham224, tmp_path_factory.mktemp("data") / "ham", per_class_train=15,
+                            per_class_test=6)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(small_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    run_train("--data-dir", str(small_data), "--backbones", *DEFAULT_BACKBONES, "--output-dir", str(out),
+              "--epochs", "2", "--max-steps", "8", "--val-fraction", "0.25", *SMALL_RUN)
+    return out
+
+
+def read_predictions(path):
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = [k[len("prob_"):] for k in rows[0] if k.startswith("prob_")]
+    labels = np.array([names.index(r["label"]) for r in rows])
+    probs = np.array([[float(r[f"prob_{n}"]) for n in names] for r in rows])
+    return rows, names, labels, probs
+
+
+def test_smoke_run_writes_every_artifact(smoke_run):
+    for name in ("config.json", "splits.csv", "comparison.json", "comparison.md"):
+        assert (smoke_run / name).is_file(), name
+    for backbone in DEFAULT_BACKBONES:
+        for name in PER_BACKBONE_FILES:
+            assert (smoke_run / backbone / name).is_file(), f"{backbone}/{name}"
+        for plot in ("confusion_matrix.png", "roc_curves.png", "training_curves.png"):
+            with Image.open(smoke_run / backbone / plot) as im:
+                assert im.size[0] > 300 and im.size[1] > 200
+    comparison = json.loads((smoke_run / "comparison.json").read_text())
+    assert [r["backbone"] for r in comparison["rows"]] == list(DEFAULT_BACKBONES)
+    best = max(comparison["rows"], key=lambda r: r["validation"]["balanced_accuracy"])
+    assert comparison["best_backbone"] == best["backbone"]
+    table = (smoke_run / "comparison.md").read_text()
+    assert all(f"| {b}" in table for b in DEFAULT_BACKBONES) and "(best)" in table
+    for row in comparison["rows"]:
+        assert row["train_images_per_second"] > 0 and row["parameters"] > 1e6
+        assert row["steps"] == 8 and row["init"] == "random"
+
+
+def test_saved_metrics_equal_sklearn_on_saved_predictions(smoke_run):
+    for backbone in DEFAULT_BACKBONES:
+        metrics = json.loads((smoke_run / backbone / "metrics.json").read_text())
+        for split in ("validation", "test"):
+            _, names, labels, probs = read_predictions(smoke_run / backbone / f"predictions_{split}.csv")
+            np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+            expected = classification_metrics(labels, probs, names, melanoma_index(names))
+            saved = metrics[split]
+            for key in ("accuracy", "balanced_accuracy", "f1_macro", "precision_macro", "recall_weighted",
+                        "roc_auc_macro", "melanoma_sensitivity", "melanoma_specificity", "recall/mel"):
+                assert saved[key] == pytest.approx(expected[key], abs=1e-4), (backbone, split, key)
+                assert 0.0 <= saved[key] <= 1.0
+
+
+def test_splits_csv_matches_what_was_evaluated(smoke_run, small_data):
+    with open(smoke_run / "splits.csv", newline="") as f:
+        splits = list(csv.DictReader(f))
+    by_split = {s: [r["image_id"] for r in splits if r["split"] == s] for s in ("train", "validation", "test")}
+    for split in ("validation", "test"):
+        rows = read_predictions(smoke_run / "resnet18" / f"predictions_{split}.csv")[0]
+        assert [r["image_id"] for r in rows] == by_split[split]
+    train_ids = {r["image_id"] for r in read_metadata(small_data / "train" / "metadata.csv")}
+    assert set(by_split["train"]) | set(by_split["validation"]) == train_ids
+    lesions = {s: {r["lesion_id"] for r in splits if r["split"] == s} for s in by_split}
+    assert not lesions["train"] & lesions["validation"]
+    assert not (lesions["train"] | lesions["validation"]) & lesions["test"]
+
+
+def test_two_process_evaluation_matches_one_process(smoke_run, small_data):
+    """torchrun with 2 CPU processes (gloo) on the same checkpoint gives the same validation metrics."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train.py"),
+           "--data-dir", str(small_data), "--backbones", *DEFAULT_BACKBONES, "--output-dir", str(smoke_run),
+           "--epochs", "2", "--max-steps", "8", "--val-fraction", "0.25", *SMALL_RUN, "--eval-only"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for backbone in ("resnet18",):
+        single = json.loads((smoke_run / backbone / "metrics.json").read_text())
+        double = json.loads((smoke_run / backbone / "metrics_eval.json").read_text())
+        assert single["num_processes"] == 1 and double["num_processes"] == 2
+        assert double["validation"]["n"] == single["validation"]["n"]  # no sample dropped or doubled
+        for key, value in single["validation"].items():
+            if value is None:
+                assert double["validation"][key] is None
+            else:
+                assert double["validation"][key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_killed_run_resumes_to_the_same_result(small_data, tmp_path):
+    args = ["--data-dir", str(small_data), "--backbones", "resnet18", "--epochs", "3", "--val-fraction",
+            "0.25", *SMALL_RUN]
+    run_train(*args, "--output-dir", str(tmp_path / "straight"))
+
+    interrupted = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, "--output-dir", str(interrupted)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = interrupted / "resnet18" / "state" / "trainer_state.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be interrupted"
+    assert not (interrupted / "resnet18" / "metrics.json").exists()
+    epochs_done = json.loads(marker.read_text())["epoch"]
+    assert 1 <= epochs_done < 3
+
+    resumed = run_train(*args, "--output-dir", str(interrupted), "--resume")
+    assert f"resuming after epoch {epochs_done}" in resumed.stdout
+    a = json.loads((tmp_path / "straight" / "resnet18" / "metrics.json").read_text())
+    b = json.loads((interrupted / "resnet18" / "metrics.json").read_text())
+    assert [h["train_loss"] for h in b["history"]] == pytest.approx([h["train_loss"] for h in a["history"]])
+    assert b["best_epoch"] == a["best_epoch"]
+    for split in ("validation", "test"):
+        assert b[split] == pytest.approx(a[split])
+
+
+def test_existing_run_is_not_overwritten(smoke_run, small_data):
+    result = run_train("--data-dir", str(small_data), "--output-dir", str(smoke_run), check=False)
+    assert result.returncode != 0 and "--resume" in result.stderr
+
+
+def test_skip_bad_images_run_reports_dropped_rows(small_data, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(small_data, root, symlinks=True)
+    rows = read_metadata(root / "train" / "metadata.csv")
+    rows[0]["dx"] = "not-a-class"
+    write_metadata(root / "train" / "metadata.csv", rows)
+    failed = run_train("--data-dir", str(root), "--backbones", "resnet18", "--output-dir", str(tmp_path / "a"),
+                       *SMALL_RUN, check=False)
+    assert failed.returncode != 0 and "unknown label 'not-a-class'" in failed.stderr
+    run_train("--data-dir", str(root), "--backbones", "resnet18", "--output-dir", str(tmp_path / "b"),
+              "--skip-bad-images", "--epochs", "1", "--max-steps", "1", "--val-fraction", "0.25", *SMALL_RUN)
+    dropped = read_metadata(tmp_path / "b" / "dropped_rows.csv")
+    assert [(d["image_id"], d["split"]) for d in dropped] == [(rows[0]["image_id"], "train")]
+    with open(tmp_path / "b" / "splits.csv", newline="") as f:
+        assert rows[0]["image_id"] not in f.read()
