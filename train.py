@@ -28,6 +28,7 @@ from dermadetect.config import DEFAULT_BACKBONES, RunConfig, replace_nested
 from dermadetect.data import LesionData, as_torch_dataset, build_transforms, collate, load_lesion_data
 from dermadetect.engine import (TrainerState, load_checkpoint, make_accelerator, predict, save_checkpoint,
                                 set_seed, train_one_epoch)
+from dermadetect.hub import export_for_hub
 from dermadetect.labels import DISCLAIMER, melanoma_index
 from dermadetect.metrics import classification_metrics, json_safe
 from dermadetect.models import count_parameters, create_backbone
@@ -36,6 +37,7 @@ from dermadetect.report import write_backbone_plots, write_comparison
 logger = logging.getLogger("dermadetect.train")
 
 BEST_DIR = "best"
+EXPORT_DIR = "export"
 METRICS_FILE = "metrics.json"
 
 
@@ -189,6 +191,7 @@ def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run
                    data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
                    history=state.history)
         (out / METRICS_FILE).write_text(json.dumps(row, indent=1, allow_nan=False))
+        export_for_hub(accelerator.unwrap_model(model), name, data.label_names, data_config, out / EXPORT_DIR)
         labels, probs = _read_predictions(out / "predictions_test.csv", data.label_names)
         write_backbone_plots(labels, probs, data.label_names, state.history, out, name)
     accelerator.free_memory(model, optimizer, train_loader, val_loader, test_loader)
