@@ -28,11 +28,13 @@ from dermadetect.config import DEFAULT_BACKBONES, RunConfig, replace_nested
 from dermadetect.data import LesionData, as_torch_dataset, build_transforms, collate, load_lesion_data
 from dermadetect.engine import (TrainerState, load_checkpoint, make_accelerator, predict, save_checkpoint,
                                 set_seed, train_one_epoch)
-from dermadetect.hub import export_for_hub
+from dermadetect.explain import road_faithfulness
+from dermadetect.hub import export_for_hub, update_export_config
+from dermadetect.inference import Predictor
 from dermadetect.labels import DISCLAIMER, melanoma_index
 from dermadetect.metrics import classification_metrics, json_safe
 from dermadetect.models import count_parameters, create_backbone
-from dermadetect.report import write_backbone_plots, write_comparison
+from dermadetect.report import plot_cam_gallery, write_backbone_plots, write_comparison
 
 logger = logging.getLogger("dermadetect.train")
 
@@ -72,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     trn.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     trn.add_argument("--max-steps", type=int, help="stop each backbone after this many optimizer steps")
     trn.add_argument("--seed", type=int)
+    trn.add_argument("--explain-images", type=int, help="validation images for CAM faithfulness (0: skip)")
     p.add_argument("--output-dir", help="run folder (default runs/default)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
     p.add_argument("--eval-only", action="store_true",
@@ -192,10 +195,39 @@ def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run
                    history=state.history)
         (out / METRICS_FILE).write_text(json.dumps(row, indent=1, allow_nan=False))
         export_for_hub(accelerator.unwrap_model(model), name, data.label_names, data_config, out / EXPORT_DIR)
+        explain_report(name, data, cfg, out)
         labels, probs = _read_predictions(out / "predictions_test.csv", data.label_names)
         write_backbone_plots(labels, probs, data.label_names, state.history, out, name)
     accelerator.free_memory(model, optimizer, train_loader, val_loader, test_loader)
     return row
+
+
+def explain_report(name: str, data: LesionData, cfg: RunConfig, out: Path, per_class: int = 2) -> None:
+    """ROAD faithfulness of each CAM method on validation images (the best becomes the exported model's
+    default), and a Grad-CAM gallery of correct and wrong test cases per class."""
+    predictor = Predictor(str(out / EXPORT_DIR))
+    if cfg.train.explain_images:
+        sample = data.splits["validation"].shuffle(seed=cfg.train.seed)
+        sample = sample.select(range(min(cfg.train.explain_images, len(sample))))
+        pixels = torch.stack([predictor.transform(im.convert("RGB")) for im in sample["image"]])
+        faithfulness = road_faithfulness(predictor.explainer, pixels)
+        (out / "explain_faithfulness.json").write_text(json.dumps(faithfulness, indent=1))
+        update_export_config(out / EXPORT_DIR, cam_method=faithfulness["best_method"])
+        predictor.default_method = faithfulness["best_method"]
+    rows = read_csv_rows(out / "predictions_test.csv")
+    chosen = []
+    for label in data.label_names:
+        of_class = [(i, r) for i, r in enumerate(rows) if r["label"] == label]
+        chosen += [c for c in of_class if c[1]["pred"] == label][:per_class]
+        chosen += [c for c in of_class if c[1]["pred"] != label][:per_class]
+    test = data.splits["test"]
+    cases = []
+    for i, row in chosen:
+        result = predictor.predict(test[i]["image"])
+        cases.append({"overlay": result.overlay, "label": row["label"], "pred": result.top_label,
+                      "prob": result.probabilities[result.top_label], "correct": row["label"] == result.top_label})
+    plot_cam_gallery(cases, out / "gradcam_gallery.png",
+                     f"{name}: {predictor.default_method} on test images (green: correct, red: wrong)")
 
 
 def score_best(name, model, loaders, data: LesionData, accelerator, out: Path, tag: str = "") -> dict:
@@ -212,9 +244,13 @@ def score_best(name, model, loaders, data: LesionData, accelerator, out: Path, t
     return row
 
 
-def _read_predictions(path: Path, label_names) -> tuple[np.ndarray, np.ndarray]:
+def read_csv_rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        return list(csv.DictReader(f))
+
+
+def _read_predictions(path: Path, label_names) -> tuple[np.ndarray, np.ndarray]:
+    rows = read_csv_rows(path)
     labels = np.array([label_names.index(r["label"]) for r in rows])
     probs = np.array([[float(r[f"prob_{n}"]) for n in label_names] for r in rows])
     return labels, probs

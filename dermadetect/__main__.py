@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from .explain import CAM_METHODS, DEFAULT_METHOD
+from .explain import CAM_METHODS
 from .inference import InvalidImageError, Predictor
 from .labels import DISCLAIMER
 
@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     predict = commands.add_parser("predict", help="classify images and write Grad-CAM overlays")
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--model", required=True, help="model folder or hf-hub:ORG/NAME[@REVISION]")
-    predict.add_argument("--cam-method", default=DEFAULT_METHOD, choices=sorted(CAM_METHODS))
+    predict.add_argument("--cam-method", choices=sorted(CAM_METHODS), help="default: the model's own")
     predict.add_argument("--class", dest="explain", help="label to explain (default: the top class)")
     predict.add_argument("--out", help="folder for the overlays (<image stem>_cam.png)")
     args = parser.parse_args(argv)
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
             print(json.dumps({"image": path, "error": str(exc), "error_type": type(exc).__name__}), flush=True)
             continue
         record = {"image": path, "top_class": result.top_label, "explained_class": result.explained_label,
-                  "probabilities": result.probabilities, "cam_method": args.cam_method}
+                  "probabilities": result.probabilities, "cam_method": args.cam_method or predictor.default_method}
         if out:
             overlay = out / f"{Path(path).stem}_cam.png"
             result.overlay.save(overlay)

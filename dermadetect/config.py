@@ -46,6 +46,7 @@ class TrainConfig:
     mixed_precision: str = "no"          # "no", "fp16", "bf16"
     max_steps: int | None = None         # cap on optimizer steps per backbone (small runs)
     seed: int = 42
+    explain_images: int = 16             # validation images for the ROAD faithfulness of each CAM method
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,14 @@ def export_for_hub(model: torch.nn.Module, architecture: str, label_names, data_
     return out_dir
 
 
+def update_export_config(out_dir: str | Path, **fields) -> None:
+    """Add DermaDetect's own settings (CAM method, temperature, ...) under "dermadetect" in config.json."""
+    path = Path(out_dir) / CONFIG_FILE
+    config = json.loads(path.read_text())
+    config.setdefault("dermadetect", {}).update(fields)
+    path.write_text(json.dumps(config, indent=2))
+
+
 def resolve_folder(source: str) -> tuple[Path, str]:
     """A local folder, or the Hub cache snapshot of `hf-hub:ORG/NAME[@REVISION]` (downloaded if needed)."""
     if not source.startswith(HUB_PREFIX):

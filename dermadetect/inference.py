@@ -95,7 +95,8 @@ def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS, working_side: int =
                                  "and the model sees lesions best at 224 px and above")
     try:
         if image.format == "JPEG" or image.format == "MPO":
-            image.draft("RGB", (working_side, working_side))  # decode at 1/2, 1/4 or 1/8 scale when large
+            # the JPEG decoder scales by 1/2, 1/4 or 1/8 for free: keep both sides >= working_side / 2
+            image.draft("RGB", (working_side // 2, working_side // 2))
         image.load()  # first frame only for GIF/TIFF/WebP animations
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError) as exc:
@@ -131,19 +132,23 @@ class Predictor:
         self.label_names = self.loaded.label_names
         self.data_config = self.loaded.data_config
         self.transform = create_transform(**self.data_config, is_training=False)
-        temperature = self.loaded.config.get("dermadetect", {}).get("temperature", 1.0)
-        self.explainer = CamExplainer(self.loaded.model, self.loaded.architecture, temperature)
+        settings = self.loaded.config.get("dermadetect", {})
+        self.explainer = CamExplainer(self.loaded.model, self.loaded.architecture, settings.get("temperature", 1.0))
+        self.default_method = settings.get("cam_method", DEFAULT_METHOD)
         self.max_pixels = max_pixels
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image).unsqueeze(0)
 
-    def predict(self, upload, explain: str | int | None = None, method: str = DEFAULT_METHOD,
+    def predict(self, upload, explain: str | int | None = None, method: str | None = None,
                 opacity: float = 0.5) -> Prediction:
-        """Probabilities, the top class and the CAM of `explain` (a label or index; default: the top class)."""
+        """Probabilities, the top class and the CAM of `explain` (a label or index; default: the top class),
+        by `method` (default: the model's own, chosen by ROAD faithfulness at training time)."""
+        if isinstance(explain, str) and explain not in self.label_names:
+            raise ValueError(f"unknown class {explain!r}; choose one of {list(self.label_names)}")
         image = open_image(upload, self.max_pixels)
         class_index = self.label_names.index(explain) if isinstance(explain, str) else explain
-        result = self.explainer(self.preprocess(image), class_index, method)
+        result = self.explainer(self.preprocess(image), class_index, method or self.default_method)
         probabilities = {name: float(p) for name, p in zip(self.label_names, result.probabilities)}
         return Prediction(probabilities=probabilities,
                           top_label=self.label_names[int(result.probabilities.argmax())],

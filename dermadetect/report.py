@@ -92,3 +92,24 @@ def write_comparison(rows: list[dict], out_dir: Path, select_on: str = "balanced
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def plot_cam_gallery(cases: list[dict], path: Path, title: str) -> None:
+    """A grid of overlays, one row per class: correct cases on the left, wrong ones on the right.
+    Each case: {"overlay": PIL image, "label": true label, "pred": predicted label, "prob": float, "correct": bool}."""
+    labels = sorted({c["label"] for c in cases})
+    per_row = max((sum(1 for c in cases if c["label"] == label) for label in labels), default=1)
+    fig, axes = plt.subplots(len(labels), per_row, figsize=(2.4 * per_row, 2.5 * len(labels)), squeeze=False)
+    for row, label in enumerate(labels):
+        row_cases = sorted((c for c in cases if c["label"] == label), key=lambda c: not c["correct"])
+        for col, ax in enumerate(axes[row]):
+            ax.axis("off")
+            if col < len(row_cases):
+                case = row_cases[col]
+                ax.imshow(case["overlay"])
+                ax.set_title(f"true {case['label']} / pred {case['pred']} ({case['prob']:.2f})",
+                             fontsize=7, color="darkgreen" if case["correct"] else "firebrick")
+    fig.suptitle(title, fontsize=9, wrap=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

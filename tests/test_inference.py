@@ -193,10 +193,11 @@ def test_large_jpeg_is_decoded_at_reduced_scale():
     big = Image.fromarray(np.uint8(np.random.default_rng(0).integers(0, 255, (6000 // 8, 8000 // 8, 3))))
     data = encoded(big.resize((8000, 6000), Image.NEAREST), "JPEG", quality=70)
     with Image.open(io.BytesIO(data)) as probe:
-        probe.draft("RGB", (1024, 1024))
-        assert probe.size == (2000, 1500)  # the JPEG decoder's own 1/4 scale
+        probe.draft("RGB", (512, 512))
+        assert probe.size == (1000, 750)  # the JPEG decoder's own 1/8 scale
     image = open_image(data)
-    assert image.size == (1024, 768)
+    assert image.size == (1000, 750)
+    assert open_image(data, working_side=400).size == (400, 300)
 
 
 def test_concurrent_calls_match_sequential(predictors):

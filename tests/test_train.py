@@ -22,7 +22,8 @@ from dermadetect.metrics import classification_metrics
 
 PER_BACKBONE_FILES = ("metrics.json", "confusion_matrix.png", "roc_curves.png", "training_curves.png",
                       "predictions_validation.csv", "predictions_test.csv", "best/model.safetensors",
-                      "state/trainer_state.json")
+                      "state/trainer_state.json", "explain_faithfulness.json", "gradcam_gallery.png",
+                      "export/config.json", "export/model.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +166,43 @@ def test_skip_bad_images_run_reports_dropped_rows(small_data, tmp_path):
     assert [(d["image_id"], d["split"]) for d in dropped] == [(rows[0]["image_id"], "train")]
     with open(tmp_path / "b" / "splits.csv", newline="") as f:
         assert rows[0]["image_id"] not in f.read()
+
+
+def test_export_round_trip_matches_the_trained_model(smoke_run, small_data):
+    """The exported folder rebuilds the best checkpoint (same logits) and the run's eval transform, both through
+    the Predictor and through timm's own local-dir loader."""
+    import timm
+    import torch
+    from safetensors.torch import load_file
+    from timm.data import create_transform, resolve_model_data_config
+
+    from dermadetect.data import build_transforms
+    from dermadetect.config import DataConfig
+    from dermadetect.inference import Predictor
+
+    for backbone in DEFAULT_BACKBONES:
+        export = smoke_run / backbone / "export"
+        config = json.loads((export / "config.json").read_text())
+        assert config["architecture"] == backbone and config["num_classes"] == 7
+        assert config["label_names"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+        assert config["label_descriptions"]["mel"] == "Melanoma (mel)"
+        faithfulness = json.loads((smoke_run / backbone / "explain_faithfulness.json").read_text())
+        assert config["dermadetect"]["cam_method"] == faithfulness["best_method"]
+        assert set(faithfulness["scores"]) == {"gradcam", "gradcam++", "hirescam", "layercam", "eigencam"}
+
+        trained = timm.create_model(backbone, num_classes=7)
+        trained.load_state_dict(load_file(smoke_run / backbone / "best" / "model.safetensors"))
+        trained.eval()
+        _, run_eval_tf, _ = build_transforms(trained, DataConfig(image_size=64))
+        from_timm = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
+        predictor = Predictor(str(export))
+        image = Image.open(next((small_data / "test").glob("*.jpg"))).convert("RGB")
+        exported_tf = create_transform(**resolve_model_data_config(from_timm), is_training=False)
+        assert repr(exported_tf) == repr(run_eval_tf) == repr(predictor.transform)
+        x = run_eval_tf(image).unsqueeze(0)
+        with torch.no_grad():
+            expected = trained(x)
+            torch.testing.assert_close(from_timm(x), expected)
+            torch.testing.assert_close(predictor.loaded.model(x), expected)
+        probs = predictor.predict(image).probabilities
+        np.testing.assert_allclose(list(probs.values()), expected.softmax(1)[0].numpy(), atol=1e-5)

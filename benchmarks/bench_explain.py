@@ -1,0 +1,140 @@
+"""Cost of the CAM over a bare forward pass, per backbone, and the cost of very large uploads.
+
+For each backbone at 224 px, 2 threads, batch 1, the same image, in one process: median ms of
+  (a) a bare torch.inference_mode() forward,
+  (b) the Predictor's label + CAM (one pass: CamExplainer),
+  (c) plain pytorch-grad-cam GradCAM label + CAM,
+and the ratios b/a and c/a. Then, for the first backbone, the full Predictor.predict on a 600x450 JPEG and
+an 8000x6000 JPEG: the time ratio and the peak memory the large one adds (ru_maxrss, in a fresh process).
+
+    python benchmarks/bench_explain.py [--backbones ...] [--repeats 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from timm.data import resolve_model_data_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dermadetect.hub import export_for_hub  # noqa: E402
+from dermadetect.inference import Predictor, open_image  # noqa: E402
+from dermadetect.labels import HAM10000_CLASSES  # noqa: E402
+from dermadetect.models import DEFAULT_REGISTRY, target_layer  # noqa: E402
+
+
+def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def test_image(size=(600, 450), seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (size[1] // 50 + 1, size[0] // 50 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize(size, Image.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def export_random(name: str, folder: Path) -> Path:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=len(HAM10000_CLASSES))
+    return export_for_hub(model, name, HAM10000_CLASSES, resolve_model_data_config(model), folder / name)
+
+
+def bench_backbone(name: str, folder: Path, repeats: int) -> dict:
+    predictor = Predictor(str(export_random(name, folder)))
+    pixels = predictor.preprocess(open_image(test_image()))
+    model = predictor.loaded.model
+
+    def bare():
+        with torch.inference_mode():
+            model(pixels).softmax(1)
+
+    def one_pass():
+        predictor.explainer(pixels, None, "gradcam")
+
+    reference_model = timm.create_model(name, num_classes=len(HAM10000_CLASSES))
+    reference_model.load_state_dict(model.state_dict())
+    reference_model.eval()
+    plain_cam = GradCAM(model=reference_model, target_layers=[target_layer(reference_model, name)])
+
+    def plain():
+        cam = plain_cam(pixels, targets=None)  # targets=None: explain the top class, as (b) does
+        plain_cam.outputs.softmax(1)
+        return cam
+
+    a, b, c = (median_ms(fn, repeats) for fn in (bare, one_pass, plain))
+    return {"backbone": name, "input": list(pixels.shape), "threads": torch.get_num_threads(),
+            "bare_forward_ms": round(a, 2), "predictor_label_cam_ms": round(b, 2),
+            "plain_gradcam_label_cam_ms": round(c, 2), "b_over_a": round(b / a, 3), "c_over_a": round(c / a, 3)}
+
+
+def peak_memory_child(model_dir: str, image_path: str) -> None:
+    """Run in a fresh process: peak RSS added by predicting `image_path` after a warm 600x450 prediction."""
+    torch.set_num_threads(2)
+    predictor = Predictor(model_dir)
+    predictor.predict(test_image())
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    predictor.predict(image_path)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"added_peak_mb": round((after - before) / 1024, 1)}))
+
+
+def bench_large_upload(name: str, folder: Path, repeats: int) -> dict:
+    model_dir = str(folder / name)
+    predictor = Predictor(model_dir)
+    small = test_image((600, 450))
+    large_path = folder / "large_8000x6000.jpg"
+    large_path.write_bytes(test_image((8000, 6000)))
+    small_ms = median_ms(lambda: predictor.predict(small), repeats)
+    large_ms = median_ms(lambda: predictor.predict(str(large_path)), max(5, repeats // 3))
+    child = subprocess.run([sys.executable, __file__, "--peak-memory-child", model_dir, str(large_path)],
+                           capture_output=True, text=True, check=True)
+    added = json.loads(child.stdout.strip().splitlines()[-1])["added_peak_mb"]
+    return {"backbone": name, "predict_600x450_ms": round(small_ms, 2),
+            "predict_8000x6000_jpeg_ms": round(large_ms, 2), "large_over_small": round(large_ms / small_ms, 3),
+            "large_added_peak_mb": added}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbones", nargs="+", default=list(DEFAULT_REGISTRY) + ["efficientnet_lite0"])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--peak-memory-child", nargs=2, metavar=("MODEL_DIR", "IMAGE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.peak_memory_child:
+        peak_memory_child(*args.peak_memory_child)
+        return
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for name in args.backbones:
+            print(json.dumps(bench_backbone(name, folder, args.repeats)), flush=True)
+        print(json.dumps(bench_large_upload(args.backbones[0], folder, args.repeats)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
