@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,15 +37,18 @@ from dermadetect.labels import HAM10000_CLASSES  # noqa: E402
 from dermadetect.models import DEFAULT_REGISTRY, target_layer  # noqa: E402
 
 
-def median_ms(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def median_ms(*fns, repeats: int, warmup: int = 3) -> list[float]:
+    """Median milliseconds of each function, timed in rotation so that background load hits all alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            bucket.append((time.perf_counter() - start) * 1000)
+    return [statistics.median(bucket) for bucket in times]
 
 
 def test_image(size=(600, 450), seed=0) -> bytes:
@@ -86,21 +88,30 @@ def bench_backbone(name: str, folder: Path, repeats: int) -> dict:
         plain_cam.outputs.softmax(1)
         return cam
 
-    a, b, c = (median_ms(fn, repeats) for fn in (bare, one_pass, plain))
+    a, b, c = median_ms(bare, one_pass, plain, repeats=repeats)
     return {"backbone": name, "input": list(pixels.shape), "threads": torch.get_num_threads(),
             "bare_forward_ms": round(a, 2), "predictor_label_cam_ms": round(b, 2),
             "plain_gradcam_label_cam_ms": round(c, 2), "b_over_a": round(b / a, 3), "c_over_a": round(c / a, 3)}
 
 
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
 def peak_memory_child(model_dir: str, image_path: str) -> None:
-    """Run in a fresh process: peak RSS added by predicting `image_path` after a warm 600x450 prediction."""
+    """Run in a fresh process: how far the resident set peaks above its level before predicting `image_path`
+    (after a warm 600x450 prediction). Writing 5 to clear_refs resets the kernel's peak (VmHWM)."""
     torch.set_num_threads(2)
     predictor = Predictor(model_dir)
     predictor.predict(test_image())
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kb("VmRSS")
     predictor.predict(image_path)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"added_peak_mb": round((after - before) / 1024, 1)}))
+    peak = _status_kb("VmHWM")
+    print(json.dumps({"added_peak_mb": round((peak - before) / 1024, 1)}))
 
 
 def bench_large_upload(name: str, folder: Path, repeats: int) -> dict:
@@ -109,8 +120,8 @@ def bench_large_upload(name: str, folder: Path, repeats: int) -> dict:
     small = test_image((600, 450))
     large_path = folder / "large_8000x6000.jpg"
     large_path.write_bytes(test_image((8000, 6000)))
-    small_ms = median_ms(lambda: predictor.predict(small), repeats)
-    large_ms = median_ms(lambda: predictor.predict(str(large_path)), max(5, repeats // 3))
+    small_ms, large_ms = median_ms(lambda: predictor.predict(small), lambda: predictor.predict(str(large_path)),
+                                   repeats=max(5, repeats // 2))
     child = subprocess.run([sys.executable, __file__, "--peak-memory-child", model_dir, str(large_path)],
                            capture_output=True, text=True, check=True)
     added = json.loads(child.stdout.strip().splitlines()[-1])["added_peak_mb"]
