@@ -29,7 +29,8 @@ from dermadetect.data import LesionData, as_torch_dataset, build_transforms, col
 from dermadetect.engine import (TrainerState, load_checkpoint, make_accelerator, predict, save_checkpoint,
                                 set_seed, train_one_epoch)
 from dermadetect.explain import road_faithfulness
-from dermadetect.hub import export_for_hub, update_export_config
+from dermadetect.hub import (HubPushError, complete_export, export_for_hub, model_card, push_to_hub,
+                             update_export_config)
 from dermadetect.inference import Predictor
 from dermadetect.labels import DISCLAIMER, melanoma_index
 from dermadetect.metrics import classification_metrics, json_safe
@@ -40,6 +41,7 @@ logger = logging.getLogger("dermadetect.train")
 
 BEST_DIR = "best"
 EXPORT_DIR = "export"
+PLOTS = ("confusion_matrix.png", "roc_curves.png", "training_curves.png", "gradcam_gallery.png")
 METRICS_FILE = "metrics.json"
 
 
@@ -76,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     trn.add_argument("--seed", type=int)
     trn.add_argument("--explain-images", type=int, help="validation images for CAM faithfulness (0: skip)")
     p.add_argument("--output-dir", help="run folder (default runs/default)")
+    p.add_argument("--push-to-hub", metavar="ORG/PREFIX",
+                   help="push each backbone's export to the Hub as ORG/PREFIX-<backbone> (token: HF_TOKEN)")
+    p.add_argument("--hub-private", action="store_true", help="create the Hub repos as private")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
     p.add_argument("--eval-only", action="store_true",
                    help="re-evaluate the best checkpoints in --output-dir; writes metrics_eval.json")
@@ -185,7 +190,7 @@ def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run
                           f"({stats['train_images'] / stats['train_seconds']:.1f} img/s)")
         save_checkpoint(accelerator, state, out)
 
-    row = score_best(name, model, {"validation": val_loader, "test": test_loader}, data, accelerator, out)
+    row, outputs = score_best(name, model, {"validation": val_loader, "test": test_loader}, data, accelerator, out)
     if accelerator.is_main_process:
         row.update(init=init_description(cfg), parameters=count_parameters(accelerator.unwrap_model(model)),
                    best_epoch=state.best_epoch, epochs_run=state.epoch, steps=state.global_step,
@@ -194,12 +199,22 @@ def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run
                    data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
                    history=state.history)
         (out / METRICS_FILE).write_text(json.dumps(row, indent=1, allow_nan=False))
+        write_backbone_plots(*outputs["test"], data.label_names, state.history, out, name)
         export_for_hub(accelerator.unwrap_model(model), name, data.label_names, data_config, out / EXPORT_DIR)
         explain_report(name, data, cfg, out)
-        labels, probs = _read_predictions(out / "predictions_test.csv", data.label_names)
-        write_backbone_plots(labels, probs, data.label_names, state.history, out, name)
+        complete_export(out / EXPORT_DIR, row, json.loads((run_dir / "config.json").read_text()),
+                        plots=[out / p for p in PLOTS], examples=pick_examples(data))
     accelerator.free_memory(model, optimizer, train_loader, val_loader, test_loader)
     return row
+
+
+def pick_examples(data: LesionData) -> list[tuple]:
+    """One test image per class (the first of each), for the Space's examples."""
+    test = data.splits["test"]
+    first = {}
+    for i, dx in enumerate(test["dx"]):
+        first.setdefault(dx, i)
+    return [(test[i]["image"], dx, test[i]["image_id"]) for dx, i in sorted(first.items())]
 
 
 def explain_report(name: str, data: LesionData, cfg: RunConfig, out: Path, per_class: int = 2) -> None:
@@ -231,29 +246,25 @@ def explain_report(name: str, data: LesionData, cfg: RunConfig, out: Path, per_c
 
 
 def score_best(name, model, loaders, data: LesionData, accelerator, out: Path, tag: str = "") -> dict:
-    """Load the best checkpoint into `model`, evaluate validation and test, write predictions."""
+    """Load the best checkpoint into `model`, evaluate validation and test, write predictions.
+    Returns the metrics row and {split: (labels, probabilities)}."""
     accelerator.unwrap_model(model).load_state_dict(load_file(out / BEST_DIR / "model.safetensors"))
     row = {"backbone": name, "checkpoint": str(out / BEST_DIR / "model.safetensors"),
-           "test_split": data.source + " test", "num_processes": accelerator.num_processes}
+           "test_split": data.test_description, "num_processes": accelerator.num_processes}
+    outputs = {}
     for split, loader in loaders.items():
         metrics, probs, labels = evaluate_split(model, loader, accelerator, data, split)
         row[split] = json_safe(metrics)
+        outputs[split] = (labels, probs)
         if accelerator.is_main_process:
             write_predictions(out / f"predictions{tag}_{split}.csv", data.splits[split], data.label_names,
                               labels, probs)
-    return row
+    return row, outputs
 
 
 def read_csv_rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def _read_predictions(path: Path, label_names) -> tuple[np.ndarray, np.ndarray]:
-    rows = read_csv_rows(path)
-    labels = np.array([label_names.index(r["label"]) for r in rows])
-    probs = np.array([[float(r[f"prob_{n}"]) for n in label_names] for r in rows])
-    return labels, probs
 
 
 def evaluate_only(data: LesionData, cfg: RunConfig, accelerator, run_dir: Path) -> None:
@@ -268,8 +279,8 @@ def evaluate_only(data: LesionData, cfg: RunConfig, accelerator, run_dir: Path) 
                                      batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
                                      collate_fn=collate) for split in ("validation", "test")}
         model, val_loader, test_loader = accelerator.prepare(model, loaders["validation"], loaders["test"])
-        row = score_best(name, model, {"validation": val_loader, "test": test_loader}, data, accelerator, out,
-                         tag="_eval")
+        row, _ = score_best(name, model, {"validation": val_loader, "test": test_loader}, data, accelerator, out,
+                            tag="_eval")
         if accelerator.is_main_process:
             (out / "metrics_eval.json").write_text(json.dumps(row, indent=1, allow_nan=False))
         accelerator.print(f"{name}: validation bal-acc {row['validation']['balanced_accuracy']:.4f} "
@@ -325,12 +336,33 @@ def main(argv=None) -> int:
             rows.append(json.loads(finished.read_text()))
             continue
         rows.append(train_backbone(name, data, cfg, accelerator, run_dir, args.resume))
+    status = 0
     if accelerator.is_main_process:
+        if args.push_to_hub:
+            status = push_run(run_dir, rows, args.push_to_hub, args.hub_private)
         comparison = write_comparison(rows, run_dir)
         accelerator.print((run_dir / "comparison.md").read_text())
         accelerator.print(f"best on validation: {comparison['best_backbone']}")
     accelerator.end_training()
-    return 0
+    return status
+
+
+def push_run(run_dir: Path, rows: list[dict], prefix: str, private: bool) -> int:
+    """Push every backbone's export to PREFIX-<backbone>, its card naming the repo; record repo and commit
+    in the rows (and so in comparison.json/md). Returns 1 if any push failed, after trying all."""
+    run_info = json.loads((run_dir / "config.json").read_text())
+    failed = 0
+    for row in rows:
+        export = run_dir / row["backbone"] / EXPORT_DIR
+        repo_id = f"{prefix}-{row['backbone']}"
+        model_card(row, run_info, repo_id).save(export / "README.md")
+        try:
+            row["hub"] = {"repo_id": repo_id, "commit_url": push_to_hub(export, repo_id, private)}
+            print(f"pushed {export} -> {row['hub']['commit_url']}")
+        except HubPushError as exc:
+            failed = 1
+            print(f"error: {exc}", file=sys.stderr)
+    return failed
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ class LesionData:
     label_names: tuple[str, ...]
     source: str
     grouped_by_lesion: bool
+    test_description: str
     dropped: list[BadRow] = field(default_factory=list)
 
     def labels(self, split: str) -> np.ndarray:
@@ -295,9 +296,12 @@ def load_lesion_data(cfg: DataConfig, seed: int) -> LesionData:
 
     pool = tables["train"]
     splits = {}
+    name = Path(cfg.data_dir).name if cfg.data_dir else cfg.dataset
     if "test" in tables:
         splits["test"] = tables["test"]
+        test_description = f"{name} test split, as provided by the source"
     else:
+        test_description = f"{name}, {cfg.test_fraction:.0%} of lesions held out"
         rest, test_idx = lesion_grouped_split(pool["dx"], pool["lesion_id"], cfg.test_fraction, seed)
         splits["test"] = pool.select(test_idx)
         pool = pool.select(rest)
@@ -319,7 +323,7 @@ def load_lesion_data(cfg: DataConfig, seed: int) -> LesionData:
     missing = [c for c in label_names if c not in set(splits["train"]["dx"])]
     if missing:
         logger.warning("classes %s have no training images after sub-sampling", missing)
-    return LesionData(splits, label_names, source, has_lesion_ids, dropped)
+    return LesionData(splits, label_names, source, has_lesion_ids, test_description, dropped)
 
 
 def _subsample(table: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:

@@ -7,15 +7,17 @@ pretrained_cfg that reproduces the eval transform) and `model.safetensors`. Noth
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RevisionNotFoundError
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token, hf_hub_download
+from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                   RevisionNotFoundError)
 from timm.data import resolve_model_data_config
-from timm.models import save_for_hf
+from timm.models import get_pretrained_cfg, save_for_hf
 
 from .labels import readable_name
 
@@ -90,16 +92,18 @@ def _download(repo_id: str, filename: str, revision: str | None) -> str:
     where = f"{repo_id}@{revision or 'main'}"
     try:
         return hf_hub_download(repo_id, filename, revision=revision)
+    except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: test it first
+        raise ModelSourceError(
+            f"cannot get {filename} of {where}: the Hub is not reachable and it is not in the local cache. "
+            "Connect once to fill the cache, or pass a local model folder instead") from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelSourceError(f"repo {repo_id} does not exist on the Hub, or is private (set HF_TOKEN)") from exc
     except RevisionNotFoundError as exc:
         raise ModelSourceError(f"revision {revision!r} does not exist in {repo_id}; pin a commit or tag that "
                                "does, or drop @REVISION to use main") from exc
     except EntryNotFoundError as exc:
         raise ModelSourceError(f"{where} has no {filename}: only repos with safetensors weights and a timm "
                                f"{CONFIG_FILE} are loaded") from exc
-    except LocalEntryNotFoundError as exc:
-        raise ModelSourceError(
-            f"cannot get {filename} of {where}: the Hub is not reachable and it is not in the local cache. "
-            "Connect once to fill the cache, or pass a local model folder instead") from exc
 
 
 def load_model(source: str) -> LoadedModel:
@@ -113,3 +117,147 @@ def load_model(source: str) -> LoadedModel:
     return LoadedModel(model=model, architecture=config["architecture"],
                        label_names=tuple(config["label_names"]), data_config=resolve_model_data_config(model),
                        folder=folder, source=described, config=config)
+
+
+# ---------------------------------------------------------------- model card
+
+CARD_METRICS = (("balanced_accuracy", "Balanced accuracy"), ("accuracy", "Accuracy"), ("f1_macro", "Macro F1"),
+                ("roc_auc_macro", "Macro ROC-AUC"), ("melanoma_sensitivity", "Melanoma sensitivity"),
+                ("melanoma_specificity", "Melanoma specificity"))
+
+
+def model_card(metrics: dict, run_info: dict, repo_id: str | None = None) -> ModelCard:
+    """The model card (README.md) of one trained backbone, from its metrics.json and the run's config.json.
+    Every number in it is read from those files."""
+    backbone = metrics["backbone"]
+    label_names = run_info["label_names"]
+    config = run_info["config"]
+    test = metrics["test"]
+    hub_dataset = config["data"]["dataset"]
+    base_model = None
+    if config["model"]["pretrained"] and not config["model"]["pretrained_file"]:
+        base_model = get_pretrained_cfg(backbone).hf_hub_id if get_pretrained_cfg(backbone) else None
+    data = ModelCardData(
+        license="cc-by-nc-4.0", library_name="timm", pipeline_tag="image-classification",
+        tags=["dermatology", "medical", "skin-lesion", "image-classification", "timm", "grad-cam"],
+        datasets=[hub_dataset] if hub_dataset else None, base_model=base_model,
+        model_name=repo_id or f"dermadetect-{backbone}",
+        eval_results=[EvalResult(task_type="image-classification", task_name="Skin lesion classification",
+                                 dataset_type=hub_dataset or "imagefolder", dataset_name=metrics["test_split"],
+                                 dataset_split="test", metric_type=key, metric_name=name, metric_value=test[key])
+                      for key, name in CARD_METRICS if test.get(key) is not None])
+    load_id = f"hf-hub:{repo_id}" if repo_id else "local-dir:PATH/TO/THIS/FOLDER"
+    init = metrics["init"]
+    sizes = run_info["split_sizes"]
+    per_class = "\n".join(
+        f"| {readable_name(n)} | {_num(test.get(f'precision/{n}'))} | {_num(test.get(f'recall/{n}'))} | "
+        f"{_num(test.get(f'f1/{n}'))} | {_num(test.get(f'roc_auc/{n}'))} | {int(test.get(f'support/{n}') or 0)} |"
+        for n in label_names)
+    summary = "\n".join(f"| {name} | {_num(metrics['validation'].get(key))} | {_num(test.get(key))} |"
+                        for key, name in CARD_METRICS)
+    command = " ".join(run_info.get("command", []))
+    body = f"""
+# DermaDetect {backbone}
+
+> **DermaDetect assists; it never diagnoses.** This model is a research tool. Only a clinician who examines
+> the lesion can make a diagnosis. Do not use it to decide whether to see a doctor.
+
+## What it is
+A timm `{backbone}` image classifier fine-tuned on dermoscopy images to tell {len(label_names)} kinds of skin
+lesion apart: {", ".join(readable_name(n) for n in label_names)}.
+Initialisation: {init}. It ships with its labels and its eval preprocessing in `config.json`, so it loads with
+`timm.create_model("{load_id}", pretrained=True)` or DermaDetect's `Predictor("{load_id.replace('local-dir:', '')}")`,
+which also draws a Grad-CAM of what the model looked at.
+
+## Intended use
+Research and teaching on dermoscopy image classification and its explanations; comparing backbones; a demo
+that shows how such a classifier behaves, including where it fails.
+
+## Out-of-scope use
+- Diagnosis, triage or any clinical decision, for anyone.
+- Ordinary photos of skin (phone snapshots, clinical close-ups without a dermatoscope): the model has only seen
+  dermoscopy images and its outputs on other pictures mean nothing.
+- Lesion types outside the {len(label_names)} classes above, and populations the data does not represent (below).
+
+## Training data and split protocol
+- Source: `{hub_dataset or Path(config['data']['data_dir']).name}` (HAM10000); test split: {metrics['test_split']}.
+- Split sizes: train {sizes['train']}, validation {sizes['validation']}, test {sizes['test']} images.
+- Train and validation are cut from the training data **by lesion** (no lesion in two splits; stratified by
+  diagnosis). The checkpoint (best epoch {metrics['best_epoch']} of {metrics['epochs_run']}) was chosen on
+  validation balanced accuracy; the test split was scored once, at the end.
+- Recipe: {config['train']['epochs']} epochs, batch {config['train']['batch_size']}, {config['train']['optimizer']}
+  lr {config['train']['lr']}, weight decay {config['train']['weight_decay']}, {config['train']['scheduler']} schedule,
+  label smoothing {config['train']['label_smoothing']}, class weighting {config['train']['class_weighting']},
+  input {metrics['data_config']['input_size'][1]} px.
+- Command: `{command}`
+
+## Results
+| metric | validation | test |
+| --- | --- | --- |
+{summary}
+
+Per class, on the test split:
+
+| class | precision | recall | F1 | ROC-AUC | images |
+| --- | --- | --- | --- | --- | --- |
+{per_class}
+
+## Limitations and bias
+- HAM10000 comes from clinics in Austria (Vienna) and Australia (Queensland); most patients have light skin,
+  and the data has no skin-type labels, so performance on darker skin is unknown.
+- {len(label_names)} classes only; rare lesions are few (e.g. dermatofibroma and vascular lesions), so their
+  numbers above are noisy.
+- The test images were resized to {metrics['data_config']['input_size'][1]} px; scores on full-resolution images
+  or other dermatoscopes may differ.
+
+## Licence and citation
+The weights are released under CC BY-NC 4.0 (non-commercial, attribution), the terms of the training data.
+Cite the data:
+- Tschandl P., Rosendahl C., Kittler H. The HAM10000 dataset, a large collection of multi-source dermatoscopic
+  images of common pigmented skin lesions. Sci. Data 5, 180161 (2018). doi:10.1038/sdata.2018.161
+- Codella N. et al. Skin Lesion Analysis Toward Melanoma Detection 2018: A Challenge Hosted by the ISIC.
+  arXiv:1902.03368 (2019).
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
+    """Create the repo if needed and upload the folder; returns the commit URL. Token: HF_TOKEN or the login
+    cache."""
+    if get_token() is None:
+        raise HubPushError(f"no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push {folder} "
+                           f"to {repo_id} again (the local export is complete)")
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder),
+                                   commit_message=f"Upload DermaDetect model from {Path(folder).parent.name}")
+    except Exception as exc:  # network, permissions: the local folder is intact either way
+        raise HubPushError(f"could not push {folder} to {repo_id} ({type(exc).__name__}: {exc}); "
+                           "the local export is complete, push it again later") from exc
+    return commit.commit_url
+
+
+class HubPushError(RuntimeError):
+    """Uploading to the Hub failed; the local export is complete."""
+
+
+def complete_export(out_dir: str | Path, metrics: dict, run_info: dict, plots=(), examples=(),
+                    repo_id: str | None = None) -> None:
+    """Add the model card (README.md), the report plots and `examples/` (+ examples.json) to an export."""
+    out_dir = Path(out_dir)
+    for plot in plots:
+        shutil.copy2(plot, out_dir / Path(plot).name)
+    if examples:
+        (out_dir / "examples").mkdir(exist_ok=True)
+        listing = []
+        for image, label, image_id in examples:
+            name = f"examples/{image_id}.jpg"
+            image.convert("RGB").save(out_dir / name, quality=95)
+            listing.append({"file": name, "label": label})
+        (out_dir / "examples.json").write_text(json.dumps(listing, indent=1))
+    model_card(metrics, run_info, repo_id).save(out_dir / "README.md")

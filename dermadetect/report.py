@@ -85,9 +85,18 @@ def write_comparison(rows: list[dict], out_dir: Path, select_on: str = "balanced
         lines.append("| " + " | ".join(cells) + " |")
     text = (f"# Backbone comparison\n\nTest split: {rows[0]['test_split']}. Metrics on the test split; the best "
             f"backbone is chosen on validation {select_on}.\n\n" + "\n".join(lines) +
-            f"\n\nBest model: **{best['backbone']}** ({best['checkpoint']}).\n")
+            f"\n\nBest model: **{best['backbone']}** ({_where(best)}).\n")
+    convnexts = [r for r in rows if r["backbone"].startswith("convnext")]
+    if convnexts:
+        best_convnext = max(convnexts, key=lambda r: r["validation"][select_on])
+        text += f"Best ConvNeXtV2 (the demo's model): **{best_convnext['backbone']}** ({_where(best_convnext)}).\n"
     (out_dir / "comparison.md").write_text(text)
     return comparison
+
+
+def _where(row: dict) -> str:
+    hub = row.get("hub")
+    return f"Hub `{hub['repo_id']}`, commit {hub['commit_url']}" if hub else row["checkpoint"]
 
 
 def _fmt(value) -> str:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from dermadetect.config import DEFAULT_BACKBONES
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -74,3 +76,19 @@ def run_train(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedP
 
 
 SMALL_RUN = ("--no-pretrained", "--image-size", "64", "--batch-size", "16", "--num-workers", "0")
+
+
+@pytest.fixture(scope="session")
+def small_data(ham224, tmp_path_factory):
+    """About 100 real training images (every class) and 42 test images."""
+    return make_imagefolder(ham224, tmp_path_factory.mktemp("data") / "ham", per_class_train=15,
+                            per_class_test=6)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(small_data, tmp_path_factory):
+    """All three default backbones, random init, 64 px, 8 steps: every artifact a run writes."""
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    run_train("--data-dir", str(small_data), "--backbones", *DEFAULT_BACKBONES, "--output-dir", str(out),
+              "--epochs", "2", "--max-steps", "8", "--val-fraction", "0.25", "--explain-images", "8", *SMALL_RUN)
+    return out

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, SMALL_RUN, make_imagefolder, read_metadata, run_train, write_metadata
+from conftest import REPO, SMALL_RUN, read_metadata, run_train, write_metadata
 from dermadetect.config import DEFAULT_BACKBONES
 from dermadetect.labels import melanoma_index
 from dermadetect.metrics import classification_metrics
@@ -24,21 +24,6 @@ PER_BACKBONE_FILES = ("metrics.json", "confusion_matrix.png", "roc_curves.png", 
                       "predictions_validation.csv", "predictions_test.csv", "best/model.safetensors",
                       "state/trainer_state.json", "explain_faithfulness.json", "gradcam_gallery.png",
                       "export/config.json", "export/model.safetensors")
-
-
-@pytest.fixture(scope="module")
-def small_data(ham224, tmp_path_factory):
-    """About 100 real training images (every class) and 42 test images."""
-    return make_imagefolder(ham224, tmp_path_factory.mktemp("data") / "ham", per_class_train=15,
-                            per_class_test=6)
-
-
-@pytest.fixture(scope="module")
-def smoke_run(small_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "smoke"
-    run_train("--data-dir", str(small_data), "--backbones", *DEFAULT_BACKBONES, "--output-dir", str(out),
-              "--epochs", "2", "--max-steps", "8", "--val-fraction", "0.25", *SMALL_RUN)
-    return out
 
 
 def read_predictions(path):
