@@ -1,20 +1,201 @@
-"""DermaDetect demo (Gradio Space). The label chart and Grad-CAM view arrive with the Predictor; until then
-the page says plainly that no model is served."""
+"""DermaDetect demo (Hugging Face Space and `python app.py`): label chart and Grad-CAM side by side.
+
+Model source: --model or DERMADETECT_MODEL (hf-hub:ORG/NAME[@REV] or a local folder); the default is the
+published ConvNeXtV2 on the Hub, and when that cannot be had the bundled model in models/ is served, with a
+notice on the page.
+"""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
 import gradio as gr
+from huggingface_hub import ModelCard
+from PIL import Image
 
-from dermadetect.labels import DISCLAIMER
+from dermadetect.explain import CAM_METHODS
+from dermadetect.hub import ModelSourceError
+from dermadetect.inference import InvalidImageError, Predictor
+from dermadetect.labels import DISCLAIMER, MALIGNANT, readable_name
+
+logger = logging.getLogger("dermadetect.app")
+
+HUB_MODEL = "hf-hub:dermadetect/dermadetect-convnextv2_nano"
+BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "dermadetect-efficientnet_lite0"
+TOP_CLASS = "Top class"
+LOW_CONFIDENCE = 0.5          # top probability under this is flagged
+HIGH_ENTROPY = 0.75           # entropy / log(num_classes) over this is flagged
+MAX_UPLOAD = "20mb"
+OVERLAY_DIR = Path(tempfile.gettempdir()) / "dermadetect-overlays"
 
 
-def build_demo() -> gr.Blocks:
-    with gr.Blocks(title="DermaDetect") as demo:
-        gr.Markdown("# DermaDetect\nExplainable skin-lesion classification (HAM10000, 7 classes).")
-        gr.Markdown(f"**{DISCLAIMER}**")
-        gr.Markdown("No model is served by this build yet: train one with `python train.py` (see README.md).")
+class UploadPath(gr.Image):
+    """An image input that hands the handler the uploaded file untouched: Gradio's own preprocessing opens
+    it with PIL first, which turns a text file or a decompression bomb into a bare error before the
+    Predictor can say what is wrong."""
+
+    is_template = True  # Gradio's mechanism for subclasses: render with the parent's (gr.Image) frontend
+
+    def preprocess(self, payload):
+        if payload is None or (payload.url and payload.url.startswith("data:")) or payload.path is None:
+            return super().preprocess(payload)  # webcam and clipboard captures arrive as data URLs
+        return str(payload.path)
+
+
+def load_predictor(source: str | None) -> tuple[Predictor, str]:
+    """The requested model, or the bundled one when the default Hub model is out of reach."""
+    requested = source or os.environ.get("DERMADETECT_MODEL") or HUB_MODEL
+    try:
+        return Predictor(requested), ""
+    except ModelSourceError as exc:
+        if source or os.environ.get("DERMADETECT_MODEL"):
+            raise  # the user asked for this model: do not swap it silently
+        logger.warning("default model unavailable (%s); serving the bundled model", exc)
+        notice = (f"The published model ({requested}) could not be reached, so this page serves the bundled "
+                  f"offline model instead. ({exc})")
+        return Predictor(str(BUNDLED_MODEL)), notice
+
+
+def model_summary(predictor: Predictor) -> str:
+    """Which model this page serves and its test metrics, read from the model's own card."""
+    loaded = predictor.loaded
+    lines = [f"**Model:** `{loaded.source}` (backbone `{loaded.architecture}`, "
+             f"{len(predictor.label_names)} classes, input {predictor.data_config['input_size'][1]} px)"]
+    card = loaded.folder / "README.md"
+    if card.is_file():
+        results = ModelCard.load(card).data.eval_results or []
+        if results:
+            shown = ", ".join(f"{r.metric_name or r.metric_type} {r.metric_value:.3f}" for r in results)
+            lines.append(f"**Test metrics** ({results[0].dataset_name}): {shown}")
+    return "  \n".join(lines)
+
+
+def find_examples(predictor: Predictor) -> list[list[str]]:
+    """The model folder's examples/ (listed in examples.json); files not shipped with it (the bundled model
+    carries no dataset images) are looked up in DERMADETECT_DATA's ISIC 2018 test images."""
+    listing = predictor.loaded.folder / "examples.json"
+    if not listing.is_file():
+        return []
+    data = os.environ.get("DERMADETECT_DATA")
+    found = []
+    for entry in json.loads(listing.read_text()):
+        candidates = [predictor.loaded.folder / entry["file"]]
+        if data:
+            candidates.append(Path(data) / "ham10000-224" / "test" / Path(entry["file"]).name)
+        path = next((c for c in candidates if c.is_file()), None)
+        if path:
+            found.append([str(path)])
+    return found
+
+
+def summary_line(probabilities: dict[str, float], label_names) -> str:
+    """Plain words, never a diagnosis: where the probability mass sits, and whether to trust it."""
+    top = max(probabilities, key=probabilities.get)
+    malignant = sum(p for name, p in probabilities.items() if name in MALIGNANT)
+    entropy = -sum(p * math.log(p) for p in probabilities.values() if p > 0) / math.log(len(label_names))
+    text = (f"The model's highest score is **{readable_name(top)}** ({probabilities[top]:.0%}). "
+            f"{malignant:.0%} of the probability falls on classes that include skin cancers "
+            f"({', '.join(n for n in label_names if n in MALIGNANT)}). This is not a diagnosis.")
+    if probabilities[top] < LOW_CONFIDENCE or entropy > HIGH_ENTROPY:
+        text += ("\n\n⚠️ **Low confidence:** the scores are spread over several classes. The image may be unclear, "
+                 "not a dermoscopy image, or unlike anything the model was trained on.")
+    return text
+
+
+def save_overlay(image: Image.Image) -> str:
+    """The overlay as a JPEG file named by its content, written atomically. Handing Gradio a PIL image instead
+    lets concurrent requests with identical output rewrite one cache file while another is being served
+    (gradio.processing_utils.save_pil_to_cache), and the reader gets a truncated file; Gradio copies a
+    returned file with an atomic rename. Files older than an hour are removed."""
+    data = io.BytesIO()
+    image.save(data, format="JPEG", quality=90)
+    payload = data.getvalue()
+    OVERLAY_DIR.mkdir(parents=True, exist_ok=True)
+    path = OVERLAY_DIR / f"{hashlib.sha256(payload).hexdigest()[:32]}.jpg"
+    if not path.exists():
+        fd, staging = tempfile.mkstemp(dir=OVERLAY_DIR, suffix=".part")
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(staging, path)
+    cutoff = time.time() - 3600
+    for old in OVERLAY_DIR.glob("*.jpg"):
+        if old.stat().st_mtime < cutoff:
+            old.unlink(missing_ok=True)
+    return str(path)
+
+
+def make_handler(predictor: Predictor):
+    """The predict event: upload path and controls in; label dict, overlay and summary out."""
+    labels = list(predictor.label_names)
+
+    def predict(image_path, cam_method=None, explain_class=TOP_CLASS, opacity=0.5):
+        if image_path is None:
+            raise gr.Error("Upload a dermoscopy image first.")
+        explain = None if explain_class in (None, TOP_CLASS) else explain_class
+        try:
+            result = predictor.predict(image_path, explain=explain, method=cam_method, opacity=float(opacity))
+        except (InvalidImageError, ValueError) as exc:  # ValueError: an unknown class or CAM method
+            raise gr.Error(str(exc)) from None
+        return result.readable, save_overlay(result.overlay), summary_line(result.probabilities, labels)
+
+    return predict
+
+
+def build_demo(predictor: Predictor, notice: str = "") -> gr.Blocks:
+    labels = list(predictor.label_names)
+    # delete_cache: uploads and outputs older than an hour leave the server (these are medical images)
+    with gr.Blocks(title="DermaDetect", delete_cache=(600, 3600)) as demo:
+        gr.Markdown("# DermaDetect\nExplainable skin-lesion classification of dermoscopy images.")
+        gr.Markdown(f"⚠️ **{DISCLAIMER}**", elem_id="disclaimer")
+        if notice:
+            gr.Markdown(f"ℹ️ {notice}", elem_id="fallback-notice")
+        gr.Markdown(model_summary(predictor), elem_id="model-info")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = UploadPath(type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
+                                   label="Dermoscopy image", elem_id="upload")
+                with gr.Accordion("Explanation settings", open=False):
+                    cam_method = gr.Dropdown(sorted(CAM_METHODS), value=predictor.default_method,
+                                             label="CAM method")
+                    explain_class = gr.Dropdown([TOP_CLASS] + labels, value=TOP_CLASS, label="Class to explain")
+                    opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+                button = gr.Button("Analyse", variant="primary", elem_id="analyse")
+                examples = find_examples(predictor)
+                if examples:
+                    gr.Examples(examples, inputs=[image], label="Examples (ISIC 2018 test images)")
+            with gr.Column(scale=2):
+                with gr.Row():
+                    chart = gr.Label(num_top_classes=len(labels), label="Class probabilities", elem_id="labels")
+                    overlay = gr.Image(type="filepath", label="Where the model looked (CAM)",
+                                       interactive=False, elem_id="overlay")
+                summary = gr.Markdown(label="Summary", elem_id="summary")
+        button.click(make_handler(predictor), inputs=[image, cam_method, explain_class, opacity],
+                     outputs=[chart, overlay, summary], api_name="predict")
+    demo.queue(max_size=16, default_concurrency_limit=2)
     return demo
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=DISCLAIMER)
+    parser.add_argument("--model", help="hf-hub:ORG/NAME[@REV] or a local model folder "
+                                        "(default: $DERMADETECT_MODEL, else the published ConvNeXtV2)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO)
+    predictor, notice = load_predictor(args.model)
+    build_demo(predictor, notice).launch(server_name=args.host, server_port=args.port, ssr_mode=False,
+                                         max_file_size=MAX_UPLOAD)
+
+
 if __name__ == "__main__":
-    build_demo().launch(ssr_mode=False)
+    main()

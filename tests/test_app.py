@@ -1,9 +1,179 @@
-"""The demo module imports and builds its page without a model."""
+"""The Gradio demo: the handler on real images, the launched app over real HTTP (gradio_client), a real browser
+(headless Chromium through Playwright), and a burst of concurrent requests against the bounded queue."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
 
 import app
+from conftest import REPO, data_root
+from dermadetect.inference import Predictor
+from dermadetect.labels import readable_name
+
+SCREENSHOT = REPO / "artifacts" / "app_screenshot.png"
 
 
-def test_demo_builds_and_shows_the_disclaimer():
-    demo = app.build_demo()
-    texts = [block.value for block in demo.blocks.values() if hasattr(block, "value") and isinstance(block.value, str)]
-    assert any("never diagnoses" in t for t in texts)
+@pytest.fixture(scope="module")
+def originals() -> list[Path]:
+    root = data_root()
+    if root is None or not (root / "ham10000-originals").is_dir():
+        pytest.skip("DERMADETECT_DATA with ham10000-originals/ is not set")
+    return sorted((root / "ham10000-originals").glob("*.jpg"))[:4]
+
+
+@pytest.fixture(scope="module")
+def predictor(smoke_run) -> Predictor:
+    return Predictor(str(smoke_run / "convnextv2_nano" / "export"))
+
+
+@pytest.fixture(scope="module")
+def served(predictor):
+    """The real app, launched on a free port; yields (url, demo)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = app.build_demo(predictor)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False,
+                max_file_size=app.MAX_UPLOAD, quiet=True)
+    yield f"http://127.0.0.1:{port}/", demo
+    demo.close()
+
+
+def readable_labels(predictor) -> set[str]:
+    return {readable_name(n) for n in predictor.label_names}
+
+
+def test_handler_on_real_images(predictor, originals):
+    handler = app.make_handler(predictor)
+    for path in originals:
+        chart, overlay_path, summary = handler(str(path))
+        assert set(chart) == readable_labels(predictor) and len(chart) == 7
+        assert sum(chart.values()) == pytest.approx(1.0, abs=1e-5)
+        with Image.open(path) as original, Image.open(overlay_path) as overlay:
+            assert overlay.size == original.size and overlay.mode == "RGB"
+        assert "not a diagnosis" in summary
+
+
+def test_page_shows_disclaimer_model_and_examples(served, predictor):
+    url, demo = served
+    texts = " ".join(str(b.value) for b in demo.blocks.values() if isinstance(getattr(b, "value", None), str))
+    assert "never diagnoses" in texts
+    assert "convnextv2_nano" in texts and "Test metrics" in texts
+    assert app.find_examples(predictor)  # from examples.json in the model folder
+
+
+def test_api_over_http(served, originals, tmp_path):
+    url, _ = served
+    client = Client(url, verbose=False)
+    chart, overlay_path, summary = client.predict(handle_file(str(originals[0])), "layercam", "mel", 0.7,
+                                                  api_name="/predict")
+    assert {c["label"] for c in chart["confidences"]} == {readable_name(n) for n in
+                                                         ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")}
+    with Image.open(overlay_path) as overlay, Image.open(originals[0]) as original:
+        assert overlay.size == original.size
+    default = client.predict(handle_file(str(originals[0])), api_name="/predict")
+    assert default[0]["label"] == chart["label"]  # same image, same top class
+    with Image.open(default[1]) as a, Image.open(overlay_path) as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))  # another class and method: another map
+
+    text = tmp_path / "notes.txt"
+    text.write_text("this is not an image")
+    truncated = tmp_path / "truncated.jpg"
+    data = originals[1].read_bytes()
+    truncated.write_bytes(data[: len(data) // 3])
+    huge = tmp_path / "huge.png"
+    Image.new("1", (9000, 8000)).save(huge)
+    for path, expected in ((text, "not an image"), (truncated, "damaged or truncated"), (huge, "megapixel")):
+        with pytest.raises(Exception) as caught:
+            client.predict(handle_file(str(path)), api_name="/predict")
+        assert expected in str(caught.value)
+    still = client.predict(handle_file(str(originals[2])), api_name="/predict")
+    assert len(still[0]["confidences"]) == 7
+
+
+def test_burst_of_requests_is_answered_or_refused(served, originals):
+    """40 concurrent requests against a queue of 16: each is answered correctly or refused as queue-full;
+    none is lost or hangs, and the app answers afterwards."""
+    url, _ = served
+    image = handle_file(str(originals[0]))
+
+    def call(_):
+        try:
+            result = Client(url, verbose=False).predict(image, api_name="/predict")
+            return "ok" if len(result[0]["confidences"]) == 7 else "wrong"
+        except Exception as exc:
+            return "full" if "queue is full" in str(exc).lower() else f"error: {exc}"
+
+    with ThreadPoolExecutor(max_workers=40) as pool:
+        outcomes = list(pool.map(call, range(40), timeout=600))
+    counts = {k: outcomes.count(k) for k in set(outcomes)}
+    assert set(counts) <= {"ok", "full"}, counts
+    assert counts.get("ok", 0) >= 16
+    print(f"burst of 40: {counts}")
+    assert len(Client(url, verbose=False).predict(image, api_name="/predict")[0]["confidences"]) == 7
+
+
+def test_real_browser_upload(served, originals):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    url, _ = served
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url, wait_until="networkidle")
+        assert "never diagnoses" in page.inner_text("#disclaimer")
+        page.locator("#upload input[type=file]").set_input_files(str(originals[0]))
+        page.wait_for_selector("#upload img", timeout=60_000)
+        page.click("#analyse")
+        page.wait_for_selector("#overlay img", timeout=120_000)
+        page.wait_for_function("document.querySelector('#labels').innerText.includes('%')", timeout=60_000)
+        labels_text = page.inner_text("#labels")
+        assert sum(name in labels_text for name in ("Melanoma (mel)", "Melanocytic nevus (nv)")) == 2
+        assert page.locator("#overlay img").evaluate("img => img.naturalWidth") > 0
+        assert "not a diagnosis" in page.inner_text("#summary")
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
+        browser.close()
+    assert SCREENSHOT.stat().st_size > 10_000
+
+
+def test_default_falls_back_to_bundled_model_offline(smoke_run, monkeypatch):
+    monkeypatch.delenv("DERMADETECT_MODEL", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(app, "BUNDLED_MODEL", smoke_run / "resnet18" / "export")
+    monkeypatch.setenv("HF_HOME", str(smoke_run / "empty-hf-home"))
+    predictor, notice = app.load_predictor(None)
+    assert predictor.loaded.architecture == "resnet18"
+    assert app.HUB_MODEL in notice and "bundled" in notice
+    page = app.build_demo(predictor, notice)
+    assert any("bundled offline model" in str(getattr(b, "value", "")) for b in page.blocks.values())
+
+
+def test_explicit_model_is_never_swapped(monkeypatch, tmp_path):
+    monkeypatch.delenv("DERMADETECT_MODEL", raising=False)
+    with pytest.raises(Exception, match="does not exist"):
+        app.load_predictor(str(tmp_path / "no-such-model"))
+
+
+def test_upload_bytes_are_not_decoded_by_gradio(tmp_path):
+    """UploadPath hands over the file untouched, so even a non-image reaches the Predictor's checks."""
+    from gradio.data_classes import ImageData
+
+    path = tmp_path / "x.txt"
+    path.write_text("not an image")
+    component = app.UploadPath(type="filepath", image_mode=None)
+    assert component.preprocess(ImageData(path=str(path), orig_name="x.txt")) == str(path)
