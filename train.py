@@ -24,7 +24,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
 
-from dermadetect.config import DEFAULT_BACKBONES, RunConfig, replace_nested
+from dermadetect.config import DEFAULT_BACKBONES, DEFAULT_HUB_DATASET, RunConfig, replace_nested
 from dermadetect.data import LesionData, as_torch_dataset, build_transforms, collate, load_lesion_data
 from dermadetect.engine import (TrainerState, load_checkpoint, make_accelerator, predict, save_checkpoint,
                                 set_seed, train_one_epoch)
@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML file with run settings (sections data/model/train); flags override it")
     src = p.add_argument_group("data")
     src.add_argument("--data-dir", help="local folder: imagefolder+metadata.csv, raw HAM10000, or class folders")
-    src.add_argument("--dataset", help="Hub dataset id, e.g. marmal88/skin_cancer")
+    src.add_argument("--dataset", nargs="?", const=DEFAULT_HUB_DATASET,
+                     help=f"Hub dataset id (given alone: {DEFAULT_HUB_DATASET})")
     src.add_argument("--val-fraction", type=float)
     src.add_argument("--test-fraction", type=float, help="used only when the source has no test split")
     src.add_argument("--skip-bad-images", action="store_true", default=None,
@@ -71,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     trn.add_argument("--weight-decay", type=float)
     trn.add_argument("--warmup-epochs", type=int)
     trn.add_argument("--label-smoothing", type=float)
-    trn.add_argument("--class-weighting", choices=["none", "balanced"])
+    trn.add_argument("--class-weighting", choices=["none", "balanced", "sqrt"],
+                     help="loss weights: inverse class frequency (balanced) or its square root (sqrt)")
     trn.add_argument("--gradient-accumulation-steps", type=int)
     trn.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     trn.add_argument("--max-steps", type=int, help="stop each backbone after this many optimizer steps")
@@ -121,9 +123,12 @@ def make_loaders(data: LesionData, train_tf, eval_tf, cfg: RunConfig) -> dict[st
 
 def make_loss(data: LesionData, cfg: RunConfig) -> torch.nn.Module:
     weight = None
-    if cfg.train.class_weighting == "balanced":
+    if cfg.train.class_weighting != "none":
         counts = np.maximum(data.class_counts("train"), 1)
-        weight = torch.tensor(counts.sum() / (len(counts) * counts), dtype=torch.float32)
+        balanced = counts.sum() / (len(counts) * counts)  # inverse class frequency, mean 1 over images
+        # "sqrt" softens it: full inverse weights up-weight df 70x relative to nv on HAM10000
+        weight = torch.tensor(balanced if cfg.train.class_weighting == "balanced" else np.sqrt(balanced),
+                              dtype=torch.float32)
     return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
 
 

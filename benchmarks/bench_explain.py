@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dermadetect.hub import export_for_hub  # noqa: E402
 from dermadetect.inference import Predictor, open_image  # noqa: E402
 from dermadetect.labels import HAM10000_CLASSES  # noqa: E402
-from dermadetect.models import DEFAULT_REGISTRY, target_layer  # noqa: E402
+from dermadetect.config import DEFAULT_BACKBONES  # noqa: E402
+from dermadetect.models import target_layer  # noqa: E402
 
 
 def median_ms(*fns, repeats: int, warmup: int = 3) -> list[float]:
@@ -132,7 +133,7 @@ def bench_large_upload(name: str, folder: Path, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbones", nargs="+", default=list(DEFAULT_REGISTRY) + ["efficientnet_lite0"])
+    parser.add_argument("--backbones", nargs="+", default=list(DEFAULT_BACKBONES) + ["efficientnet_lite0"])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--peak-memory-child", nargs=2, metavar=("MODEL_DIR", "IMAGE"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -1,17 +1,23 @@
-"""Command line: `python -m dermadetect predict IMAGE... --model SRC [--cam-method M] [--class LABEL] [--out DIR]`.
+"""Command line.
 
-Prints one JSON line per image: the probabilities and top class, or the readable error."""
+    python -m dermadetect predict IMAGE... --model SRC [--cam-method M] [--class LABEL] [--out DIR]
+        one JSON line per image: the probabilities and top class, or the readable error
+    python -m dermadetect publish runs/NAME --bundle BACKBONE
+        commit a finished run: results/NAME/, models/dermadetect-BACKBONE/, model_card.md, README results
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 from .explain import CAM_METHODS
 from .inference import InvalidImageError, Predictor
 from .labels import DISCLAIMER
+from .report import results_markdown
 
 
 def main(argv=None) -> int:
@@ -23,7 +29,14 @@ def main(argv=None) -> int:
     predict.add_argument("--cam-method", choices=sorted(CAM_METHODS), help="default: the model's own")
     predict.add_argument("--class", dest="explain", help="label to explain (default: the top class)")
     predict.add_argument("--out", help="folder for the overlays (<image stem>_cam.png)")
+    publish = commands.add_parser("publish", help="commit a run: results/, the bundled model, model_card.md, README")
+    publish.add_argument("run_dir", help="a finished run folder (runs/NAME)")
+    publish.add_argument("--bundle", required=True, help="the backbone to bundle as the offline demo model")
+    publish.add_argument("--repo", default=".", help="repository root (default: .)")
     args = parser.parse_args(argv)
+    if args.command == "publish":
+        publish_run(Path(args.run_dir), args.bundle, Path(args.repo))
+        return 0
 
     predictor = Predictor(args.model)
     if args.explain and args.explain not in predictor.label_names:
@@ -47,6 +60,37 @@ def main(argv=None) -> int:
             record["overlay"] = str(overlay)
         print(json.dumps(record), flush=True)
     return 1 if failures else 0
+
+
+RESULT_FILES = ("metrics.json", "explain_faithfulness.json", "confusion_matrix.png", "roc_curves.png",
+                "training_curves.png", "gradcam_gallery.png")
+BUNDLE_FILES = ("config.json", "model.safetensors", "README.md", "examples.json")
+RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def publish_run(run_dir: Path, bundle: str, repo: Path) -> None:
+    """Copy a run's results (no images of the data) into results/<run>/, its `bundle` export into
+    models/dermadetect-<bundle>/, the bundled model's card into model_card.md, and the results table into
+    README.md. Everything copied was written by train.py."""
+    results = repo / "results" / run_dir.name
+    results.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "comparison.json", "comparison.md", "splits.csv"):
+        shutil.copy2(run_dir / name, results / name)
+    comparison = json.loads((run_dir / "comparison.json").read_text())
+    for row in comparison["rows"]:
+        (results / row["backbone"]).mkdir(exist_ok=True)
+        for name in RESULT_FILES:
+            if (run_dir / row["backbone"] / name).is_file():
+                shutil.copy2(run_dir / row["backbone"] / name, results / row["backbone"] / name)
+    models = repo / "models" / f"dermadetect-{bundle}"
+    models.mkdir(parents=True, exist_ok=True)
+    for name in BUNDLE_FILES:  # examples/ stays behind: the app finds those images in DERMADETECT_DATA
+        shutil.copy2(run_dir / bundle / "export" / name, models / name)
+    shutil.copy2(models / "README.md", repo / "model_card.md")
+    readme = (repo / "README.md").read_text()
+    start, end = readme.index(RESULTS_START) + len(RESULTS_START), readme.index(RESULTS_END)
+    table = results_markdown(comparison, f"results/{run_dir.name}/comparison.json")
+    (repo / "README.md").write_text(readme[:start] + "\n" + table + "\n" + readme[end:])
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ class TrainConfig:
     warmup_epochs: int = 1
     min_lr: float = 1e-6
     label_smoothing: float = 0.0
-    class_weighting: str = "none"        # "none" or "balanced" (inverse class frequency in train)
+    class_weighting: str = "none"        # "none", "balanced" (inverse class frequency) or "sqrt" (its root)
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"          # "no", "fp16", "bf16"
     max_steps: int | None = None         # cap on optimizer steps per backbone (small runs)

@@ -285,8 +285,7 @@ def load_lesion_data(cfg: DataConfig, seed: int) -> LesionData:
     tables, source, has_lesion_ids = load_source(cfg)
     all_dx = {dx for t in tables.values() for dx in t["dx"]}
     # metadata sources use HAM10000 codes, so anything else is a typo; folder names define their own classes
-    ham_like = has_lesion_ids
-    allowed = set(HAM10000_CLASSES) if ham_like else None
+    allowed = set(HAM10000_CLASSES) if has_lesion_ids else None
     tables, dropped = validate(tables, allowed, cfg.skip_bad_images)
     if not has_lesion_ids:
         message = (f"{source} has no lesion ids: splitting by IMAGE. Several images of one lesion may land "

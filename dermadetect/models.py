@@ -20,8 +20,6 @@ TARGET_LAYERS = {
     "convnext": "stages.-1",
 }
 
-DEFAULT_REGISTRY = ("resnet18", "efficientnet_b0", "convnextv2_nano")
-
 
 class PretrainedWeightsError(RuntimeError):
     """ImageNet weights could not be obtained."""
@@ -56,17 +54,28 @@ def create_backbone(model_name: str, num_classes: int, cfg: ModelConfig) -> torc
         model = timm.create_model(model_name, pretrained=True,
                                   pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
         logger.info("%s: initialised from %s", model_name, path)
-        return model
+        return _small_head(model)
     if not cfg.pretrained:
         return timm.create_model(model_name, pretrained=False, **kwargs)
     try:
-        return timm.create_model(model_name, pretrained=True, **kwargs)
+        return _small_head(timm.create_model(model_name, pretrained=True, **kwargs))
     except Exception as exc:  # offline, no cache, or no pretrained tag for this name
         raise PretrainedWeightsError(
             f"could not get ImageNet weights for {model_name!r} from the Hugging Face Hub "
             f"({type(exc).__name__}: {exc}). Either pass --pretrained-file PATH with a local weights file "
             "(e.g. ../shared/weights/efficientnet_lite0.in1k.safetensors for efficientnet_lite0), "
             "or --no-pretrained to start from random weights.") from exc
+
+
+def _small_head(model: torch.nn.Module) -> torch.nn.Module:
+    """Start the new classifier near zero on top of pretrained features. timm's EfficientNet head init
+    (uniform, range 1/sqrt(num_classes)) gave a first-step loss of 7.5 (ln 7 = 1.95) on HAM10000 with
+    EfficientNet-Lite0, and those gradients flow into the pretrained backbone."""
+    head = model.get_classifier()
+    if isinstance(head, torch.nn.Linear):
+        torch.nn.init.trunc_normal_(head.weight, std=0.01)
+        torch.nn.init.zeros_(head.bias)
+    return model
 
 
 def count_parameters(model: torch.nn.Module) -> int:

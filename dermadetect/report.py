@@ -122,3 +122,19 @@ def plot_cam_gallery(cases: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def results_markdown(comparison: dict, source: str) -> str:
+    """The README's results table, from a committed comparison.json (test split metrics)."""
+    rows = comparison["rows"]
+    header = ["Backbone", "Init", "Test bal. acc", "Test acc", "Macro F1", "Macro AUC", "Mel sens", "Mel spec",
+              "Val bal. acc", "Train min"]
+    lines = [f"From `{source}` (test split: {rows[0]['test_split']}; checkpoints chosen on validation "
+             "balanced accuracy).", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        t = r["test"]
+        lines.append("| " + " | ".join([r["backbone"], r["init"]] + [_fmt(t.get(k)) for k in (
+            "balanced_accuracy", "accuracy", "f1_macro", "roc_auc_macro", "melanoma_sensitivity",
+            "melanoma_specificity")] + [_fmt(r["validation"]["balanced_accuracy"]),
+                                        f"{r['train_seconds'] / 60:.0f}"]) + " |")
+    return "\n".join(lines)

@@ -23,9 +23,10 @@ from dermadetect.hub import export_for_hub, load_model
 from dermadetect.inference import (CorruptImageError, ImageTooLargeError, ImageTooSmallError, NotAnImageError,
                                    Predictor, open_image)
 from dermadetect.labels import HAM10000_CLASSES
-from dermadetect.models import DEFAULT_REGISTRY, target_layer
+from dermadetect.config import DEFAULT_BACKBONES
+from dermadetect.models import target_layer
 
-BACKBONES = DEFAULT_REGISTRY + ("efficientnet_lite0",)
+BACKBONES = DEFAULT_BACKBONES + ("efficientnet_lite0",)
 
 
 @pytest.fixture(scope="module")

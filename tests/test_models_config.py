@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
-from dermadetect.config import RunConfig, replace_nested
-from dermadetect.models import DEFAULT_REGISTRY, ModelConfig, create_backbone, target_layer
+from dermadetect.config import DEFAULT_BACKBONES, ModelConfig, RunConfig, replace_nested
+from dermadetect.models import create_backbone, target_layer
 
 
-@pytest.mark.parametrize("name", DEFAULT_REGISTRY + ("efficientnet_lite0",))
+@pytest.mark.parametrize("name", DEFAULT_BACKBONES + ("efficientnet_lite0",))
 def test_backbones_have_head_and_cam_layer(name):
     model = create_backbone(name, 7, ModelConfig(pretrained=False))
     out = model(torch.randn(2, 3, 64, 64))

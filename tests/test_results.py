@@ -1,0 +1,74 @@
+"""The committed study: README's results table, model_card.md and the bundled model all come from the files
+that train.py wrote (results/), and `python -m dermadetect publish` puts them there."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import app
+from conftest import REPO
+from dermadetect.__main__ import RESULTS_END, RESULTS_START, publish_run
+from dermadetect.hub import model_card
+from dermadetect.inference import Predictor
+from dermadetect.report import results_markdown
+
+
+def committed_runs():
+    return sorted(p.parent for p in (REPO / "results").glob("*/comparison.json"))
+
+
+def readme_results(text: str) -> str:
+    return text[text.index(RESULTS_START) + len(RESULTS_START):text.index(RESULTS_END)].strip()
+
+
+def test_readme_results_table_is_generated_from_committed_results():
+    runs = committed_runs()
+    assert runs, "no committed study in results/"
+    run = runs[-1]
+    comparison = json.loads((run / "comparison.json").read_text())
+    expected = results_markdown(comparison, f"results/{run.name}/comparison.json")
+    assert readme_results((REPO / "README.md").read_text()) == expected
+
+
+def test_bundled_model_and_its_card_come_from_the_results():
+    bundle = app.BUNDLED_MODEL
+    assert (bundle / "model.safetensors").stat().st_size <= 15 * 2**20
+    card = (bundle / "README.md").read_text()
+    assert (REPO / "model_card.md").read_text() == card
+    backbone = json.loads((bundle / "config.json").read_text())["architecture"]
+    run = next(r for r in committed_runs() if (r / backbone / "metrics.json").is_file())
+    metrics = json.loads((run / backbone / "metrics.json").read_text())
+    run_info = json.loads((run / "config.json").read_text())
+    assert card == str(model_card(metrics, run_info))
+    assert "train.py" in card and "--pretrained-file" in card  # the exact command is recorded
+    predictor = Predictor(str(bundle))
+    assert predictor.label_names == tuple(run_info["label_names"])
+    assert predictor.default_method == json.loads((run / backbone / "explain_faithfulness.json").read_text())[
+        "best_method"]
+
+
+def test_publish_copies_a_run(smoke_run, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "README.md").write_text(f"# x\n\n{RESULTS_START}\nold\n{RESULTS_END}\n\nafter\n")
+    publish_run(smoke_run, "resnet18", repo)
+    comparison = json.loads((smoke_run / "comparison.json").read_text())
+    assert readme_results((repo / "README.md").read_text()) == results_markdown(
+        comparison, f"results/{smoke_run.name}/comparison.json")
+    assert (repo / "README.md").read_text().endswith("after\n")
+    bundled = repo / "models" / "dermadetect-resnet18"
+    assert sorted(p.name for p in bundled.iterdir()) == ["README.md", "config.json", "examples.json",
+                                                          "model.safetensors"]
+    assert not list(repo.rglob("*.jpg"))  # no dataset images leave the run folder
+    assert (repo / "model_card.md").read_text() == (smoke_run / "resnet18" / "export" / "README.md").read_text()
+    for backbone in ("resnet18", "efficientnet_b0", "convnextv2_nano"):
+        assert (repo / "results" / smoke_run.name / backbone / "metrics.json").is_file()
+    shutil.rmtree(repo)
+
+
+@pytest.mark.parametrize("name", ["comparison.json", "config.json", "splits.csv"])
+def test_committed_run_is_complete(name):
+    assert all((run / name).is_file() for run in committed_runs())
