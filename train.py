@@ -89,9 +89,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_config(args: argparse.Namespace) -> RunConfig:
-    """Defaults <- YAML file <- command-line flags."""
-    cfg = RunConfig.from_dict(yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else RunConfig()
+def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    """Defaults (or a saved run's settings) <- YAML file <- command-line flags."""
+    cfg = base or RunConfig()
+    if args.config:
+        cfg = RunConfig.from_dict({**cfg.to_dict(), **(yaml.safe_load(Path(args.config).read_text()) or {})})
     given = {k: v for k, v in vars(args).items() if v is not None}
     sections = {}
     for section in ("data", "model", "train"):
@@ -303,10 +305,16 @@ def main(argv=None) -> int:
         raise SystemExit(f"{run_dir} already holds a run: pass --resume to continue it, "
                          "or choose another --output-dir")
     if args.resume or args.eval_only:
+        # the saved settings are the run's; flags may repeat them but not change them
         saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())["config"])
-        if saved != cfg:
-            raise SystemExit(f"the settings differ from the ones saved in {run_dir}/config.json; "
-                             "resume and evaluate with the same settings")
+        cfg = build_config(args, base=saved)
+        if cfg != saved:
+            changed = [f"{section}.{key}" for section in ("data", "model", "train")
+                       for key, value in asdict(getattr(cfg, section)).items()
+                       if value != asdict(getattr(saved, section))[key]]
+            changed += [key for key in ("backbones",) if getattr(cfg, key) != getattr(saved, key)]
+            raise SystemExit(f"{', '.join(changed)} differ from the settings saved in {run_dir}/config.json; "
+                             "--resume and --eval-only continue a run with its own settings")
 
     accelerator = make_accelerator(cfg.train)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.ERROR,

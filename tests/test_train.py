@@ -86,9 +86,9 @@ def test_splits_csv_matches_what_was_evaluated(smoke_run, small_data):
 def test_two_process_evaluation_matches_one_process(smoke_run, small_data):
     """torchrun with 2 CPU processes (gloo) on the same checkpoint gives the same validation metrics."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the run's own settings come from its config.json: only the folder is needed
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train.py"),
-           "--data-dir", str(small_data), "--backbones", *DEFAULT_BACKBONES, "--output-dir", str(smoke_run),
-           "--epochs", "2", "--max-steps", "8", "--val-fraction", "0.25", *SMALL_RUN, "--eval-only"]
+           "--output-dir", str(smoke_run), "--eval-only"]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     for backbone in ("resnet18",):
@@ -134,6 +134,8 @@ def test_killed_run_resumes_to_the_same_result(small_data, tmp_path):
 def test_existing_run_is_not_overwritten(smoke_run, small_data):
     result = run_train("--data-dir", str(small_data), "--output-dir", str(smoke_run), check=False)
     assert result.returncode != 0 and "--resume" in result.stderr
+    changed = run_train("--output-dir", str(smoke_run), "--resume", "--epochs", "5", "--lr", "0.1", check=False)
+    assert changed.returncode != 0 and "train.epochs, train.lr differ" in changed.stderr
 
 
 def test_skip_bad_images_run_reports_dropped_rows(small_data, tmp_path):
