@@ -8,6 +8,7 @@ notice on the page.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -120,16 +121,19 @@ def save_overlay(image: Image.Image) -> str:
     image.save(data, format="JPEG", quality=90)
     payload = data.getvalue()
     OVERLAY_DIR.mkdir(parents=True, exist_ok=True)
+    cutoff = time.time() - 3600
+    for old in OVERLAY_DIR.glob("*.jpg"):
+        with contextlib.suppress(FileNotFoundError):  # another request may prune it first
+            if old.stat().st_mtime < cutoff:
+                old.unlink()
     path = OVERLAY_DIR / f"{hashlib.sha256(payload).hexdigest()[:32]}.jpg"
-    if not path.exists():
+    try:
+        os.utime(path)  # handed out again: it must outlive this request, not its first one
+    except FileNotFoundError:
         fd, staging = tempfile.mkstemp(dir=OVERLAY_DIR, suffix=".part")
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
         os.replace(staging, path)
-    cutoff = time.time() - 3600
-    for old in OVERLAY_DIR.glob("*.jpg"):
-        if old.stat().st_mtime < cutoff:
-            old.unlink(missing_ok=True)
     return str(path)
 
 

@@ -63,6 +63,23 @@ def test_handler_on_real_images(predictor, originals):
         assert "not a diagnosis" in summary
 
 
+def test_reused_overlay_file_is_not_pruned(tmp_path, monkeypatch):
+    """An overlay identical to one written over an hour ago reuses that file and must keep it."""
+    monkeypatch.setattr(app, "OVERLAY_DIR", tmp_path)
+    image = Image.new("RGB", (64, 48), (200, 100, 50))
+    first = Path(app.save_overlay(image))
+    stale = first.stat().st_mtime - 7200
+    os.utime(first, (stale, stale))
+    old = tmp_path / "0123.jpg"
+    old.write_bytes(b"x")
+    os.utime(old, (stale, stale))
+    again = Path(app.save_overlay(image))
+    assert again == first and again.is_file() and again.stat().st_mtime > stale + 3600
+    assert not old.exists()  # other stale overlays are removed
+    with Image.open(again) as reread:
+        assert reread.size == (64, 48)
+
+
 def test_page_shows_disclaimer_model_and_examples(served, predictor):
     url, demo = served
     texts = " ".join(str(b.value) for b in demo.blocks.values() if isinstance(getattr(b, "value", None), str))
