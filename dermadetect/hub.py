@@ -134,9 +134,8 @@ def model_card(metrics: dict, run_info: dict, repo_id: str | None = None) -> Mod
     config = run_info["config"]
     test = metrics["test"]
     hub_dataset = config["data"]["dataset"]
-    base_model = None
-    if config["model"]["pretrained"] and not config["model"]["pretrained_file"]:
-        base_model = get_pretrained_cfg(backbone).hf_hub_id if get_pretrained_cfg(backbone) else None
+    hub_start = config["model"]["pretrained"] and not config["model"]["pretrained_file"]
+    base_model = getattr(get_pretrained_cfg(backbone), "hf_hub_id", None) if hub_start else None
     data = ModelCardData(
         license="cc-by-nc-4.0", library_name="timm", pipeline_tag="image-classification",
         tags=["dermatology", "medical", "skin-lesion", "image-classification", "timm", "grad-cam"],
