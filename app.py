@@ -25,8 +25,9 @@ from PIL import Image
 
 from dermadetect.explain import CAM_METHODS
 from dermadetect.hub import ModelSourceError
-from dermadetect.inference import InvalidImageError, Predictor
+from dermadetect.inference import InvalidImageError, Prediction, Predictor
 from dermadetect.labels import DISCLAIMER, MALIGNANT, readable_name
+from dermadetect.posthoc import MELANOMA_TARGET_SENSITIVITY
 
 logger = logging.getLogger("dermadetect.app")
 
@@ -98,14 +99,24 @@ def find_examples(predictor: Predictor) -> list[list[str]]:
     return found
 
 
-def summary_line(probabilities: dict[str, float], label_names) -> str:
+def summary_line(result: Prediction, label_names) -> str:
     """Plain words, never a diagnosis: where the probability mass sits, and whether to trust it."""
+    probabilities = result.probabilities
     top = max(probabilities, key=probabilities.get)
     malignant = sum(p for name, p in probabilities.items() if name in MALIGNANT)
     entropy = -sum(p * math.log(p) for p in probabilities.values() if p > 0) / math.log(len(label_names))
-    text = (f"The model's highest score is **{readable_name(top)}** ({probabilities[top]:.0%}). "
-            f"{malignant:.0%} of the probability falls on classes that include skin cancers "
-            f"({', '.join(n for n in label_names if n in MALIGNANT)}). This is not a diagnosis.")
+    text = ""
+    if result.out_of_distribution:
+        text += ("⚠️ **This does not look like a dermoscopy image** (it is far from every image the model was "
+                 "trained on). The scores below are meaningless for it: upload a dermatoscope photo of one "
+                 "lesion.\n\n")
+    text += (f"The model's highest score is **{readable_name(top)}** ({probabilities[top]:.0%}). "
+             f"{malignant:.0%} of the probability falls on classes that include skin cancers "
+             f"({', '.join(n for n in label_names if n in MALIGNANT)}). This is not a diagnosis.")
+    if result.melanoma_flag and not result.out_of_distribution:
+        text += ("\n\n🔎 **Melanoma score above the study's screening threshold** (chosen on validation data to catch "
+                 f"{MELANOMA_TARGET_SENSITIVITY:.0%} of melanomas, at the price of many false alarms). Only a clinician who examines the lesion "
+                 "can tell what it is.")
     if probabilities[top] < LOW_CONFIDENCE or entropy > HIGH_ENTROPY:
         text += ("\n\n⚠️ **Low confidence:** the scores are spread over several classes. The image may be unclear, "
                  "not a dermoscopy image, or unlike anything the model was trained on.")
@@ -149,7 +160,7 @@ def make_handler(predictor: Predictor):
             result = predictor.predict(image_path, explain=explain, method=cam_method, opacity=float(opacity))
         except (InvalidImageError, ValueError) as exc:  # ValueError: an unknown class or CAM method
             raise gr.Error(str(exc)) from None
-        return result.readable, save_overlay(result.overlay), summary_line(result.probabilities, labels)
+        return result.readable, save_overlay(result.overlay), summary_line(result, labels)
 
     return predict
 

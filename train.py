@@ -35,7 +35,8 @@ from dermadetect.inference import Predictor
 from dermadetect.labels import DISCLAIMER, melanoma_index
 from dermadetect.metrics import classification_metrics, json_safe
 from dermadetect.models import count_parameters, create_backbone
-from dermadetect.report import plot_cam_gallery, write_backbone_plots, write_comparison
+from dermadetect.report import plot_cam_gallery, read_backbone_row, write_backbone_plots, write_comparison
+from dermadetect.study import analyze_backbone
 
 logger = logging.getLogger("dermadetect.train")
 
@@ -65,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     mdl.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None,
                      help="start from random weights")
     mdl.add_argument("--pretrained-file", help="local ImageNet weights file (safetensors) instead of the Hub")
+    mdl.add_argument("--pretrained-files", nargs="+", metavar="BACKBONE=FILE", type=backbone_file,
+                     help="local weights per backbone; the others follow --pretrained/--no-pretrained")
     trn = p.add_argument_group("training")
     trn.add_argument("--epochs", type=int)
     trn.add_argument("--batch-size", type=int)
@@ -86,7 +89,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
     p.add_argument("--eval-only", action="store_true",
                    help="re-evaluate the best checkpoints in --output-dir; writes metrics_eval.json")
+    p.add_argument("--analyze-only", action="store_true",
+                   help="(re)run the post-training analysis of a finished run: TTA, temperature, melanoma "
+                        "threshold, OOD detector (all chosen on validation), bootstrap CIs, subgroups")
     return p.parse_args(argv)
+
+
+def backbone_file(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not (sep and name and path):
+        raise argparse.ArgumentTypeError(f"expected BACKBONE=FILE, got {text!r}")
+    return name, path
 
 
 def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
@@ -95,6 +108,8 @@ def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> Run
     if args.config:
         cfg = RunConfig.from_dict({**cfg.to_dict(), **(yaml.safe_load(Path(args.config).read_text()) or {})})
     given = {k: v for k, v in vars(args).items() if v is not None}
+    if "pretrained_files" in given:
+        given["pretrained_files"] = dict(given["pretrained_files"])
     sections = {}
     for section in ("data", "model", "train"):
         fields = asdict(getattr(cfg, section)).keys()
@@ -104,12 +119,6 @@ def build_config(args: argparse.Namespace, base: RunConfig | None = None) -> Run
     if "output_dir" in given:
         sections["output_dir"] = given["output_dir"]
     return replace_nested(cfg, **sections)
-
-
-def init_description(cfg: RunConfig) -> str:
-    if cfg.model.pretrained_file:
-        return f"ImageNet (file {Path(cfg.model.pretrained_file).name})"
-    return "ImageNet (timm, Hub)" if cfg.model.pretrained else "random"
 
 
 def make_loaders(data: LesionData, train_tf, eval_tf, cfg: RunConfig) -> dict[str, DataLoader]:
@@ -199,7 +208,7 @@ def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run
 
     row, outputs = score_best(name, model, {"validation": val_loader, "test": test_loader}, data, accelerator, out)
     if accelerator.is_main_process:
-        row.update(init=init_description(cfg), parameters=count_parameters(accelerator.unwrap_model(model)),
+        row.update(init=cfg.model.init_description(name), parameters=count_parameters(accelerator.unwrap_model(model)),
                    best_epoch=state.best_epoch, epochs_run=state.epoch, steps=state.global_step,
                    train_seconds=state.train_seconds,
                    train_images_per_second=state.train_images / max(state.train_seconds, 1e-9),
@@ -209,10 +218,34 @@ def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run
         write_backbone_plots(*outputs["test"], data.label_names, state.history, out, name)
         export_for_hub(accelerator.unwrap_model(model), name, data.label_names, data_config, out / EXPORT_DIR)
         explain_report(name, data, cfg, out)
+        row["analysis"] = analyze_backbone(name, accelerator.unwrap_model(model), data, eval_tf, out,
+                                           out / EXPORT_DIR, cfg.train.batch_size, cfg.data.num_workers)
         complete_export(out / EXPORT_DIR, row, json.loads((run_dir / "config.json").read_text()),
                         plots=[out / p for p in PLOTS], examples=pick_examples(data))
     accelerator.free_memory(model, optimizer, train_loader, val_loader, test_loader)
     return row
+
+
+def analyze_only(data: LesionData, cfg: RunConfig, run_dir: Path) -> list[dict]:
+    """Run (or re-run) the post-training analysis of every finished backbone of a run, and refresh its export
+    card. Single process."""
+    run_info = json.loads((run_dir / "config.json").read_text())
+    rows = []
+    for name in cfg.backbones:
+        out = run_dir / name
+        if not (out / METRICS_FILE).is_file():
+            raise FileNotFoundError(f"{out / METRICS_FILE} is missing: {name} has not finished training")
+        model = create_backbone(name, len(data.label_names), replace_nested(
+            cfg, model={"pretrained": False, "pretrained_file": None, "pretrained_files": {}}).model)
+        model.load_state_dict(load_file(out / BEST_DIR / "model.safetensors"))
+        _, eval_tf, _ = build_transforms(model, cfg.data)
+        row = read_backbone_row(out)
+        row["analysis"] = analyze_backbone(name, model, data, eval_tf, out, out / EXPORT_DIR,
+                                           cfg.train.batch_size, cfg.data.num_workers)
+        complete_export(out / EXPORT_DIR, row, run_info, plots=[out / p for p in PLOTS],
+                        examples=pick_examples(data))
+        rows.append(row)
+    return rows
 
 
 def pick_examples(data: LesionData) -> list[tuple]:
@@ -280,7 +313,8 @@ def evaluate_only(data: LesionData, cfg: RunConfig, accelerator, run_dir: Path) 
         if not (out / BEST_DIR / "model.safetensors").is_file():
             raise FileNotFoundError(f"no checkpoint at {out / BEST_DIR}; train {name} first")
         model = create_backbone(name, len(data.label_names), replace_nested(cfg, model={"pretrained": False,
-                                                                                        "pretrained_file": None}).model)
+                                                                                        "pretrained_file": None,
+                                                                                        "pretrained_files": {}}).model)
         _, eval_tf, _ = build_transforms(model, cfg.data)
         loaders = {split: DataLoader(as_torch_dataset(data.splits[split], data.label_names, eval_tf),
                                      batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
@@ -299,12 +333,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = build_config(args)
     run_dir = Path(cfg.output_dir)
-    if args.eval_only and args.resume:
-        raise SystemExit("--eval-only and --resume exclude each other")
-    if not (args.resume or args.eval_only) and (run_dir / "config.json").exists():
+    if sum((args.eval_only, args.resume, args.analyze_only)) > 1:
+        raise SystemExit("--eval-only, --analyze-only and --resume exclude each other")
+    if not (args.resume or args.eval_only or args.analyze_only) and (run_dir / "config.json").exists():
         raise SystemExit(f"{run_dir} already holds a run: pass --resume to continue it, "
                          "or choose another --output-dir")
-    if args.resume or args.eval_only:
+    if args.resume or args.eval_only or args.analyze_only:
         # the saved settings are the run's; flags may repeat them but not change them
         saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())["config"])
         cfg = build_config(args, base=saved)
@@ -327,8 +361,19 @@ def main(argv=None) -> int:
     if args.eval_only:
         evaluate_only(data, cfg, accelerator, run_dir)
         return 0
+    if args.analyze_only:
+        if accelerator.is_main_process:
+            comparison = write_comparison(analyze_only(data, cfg, run_dir), run_dir)
+            accelerator.print((run_dir / "comparison.md").read_text())
+            accelerator.print(f"best on validation: {comparison['best_backbone']}")
+        return 0
 
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and args.resume:
+        # the command that started the run stays the run's command; resumptions are listed after it
+        run_info = json.loads((run_dir / "config.json").read_text())
+        run_info.setdefault("resumed", []).append(sys.argv)
+        (run_dir / "config.json").write_text(json.dumps(run_info, indent=1))
+    elif accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(
             {"config": cfg.to_dict(), "command": sys.argv, "num_processes": accelerator.num_processes,
@@ -346,7 +391,7 @@ def main(argv=None) -> int:
         finished = run_dir / name / METRICS_FILE
         if args.resume and finished.is_file():
             accelerator.print(f"{name}: already finished, kept")
-            rows.append(json.loads(finished.read_text()))
+            rows.append(read_backbone_row(run_dir / name))
             continue
         rows.append(train_backbone(name, data, cfg, accelerator, run_dir, args.resume))
     status = 0

@@ -4,7 +4,8 @@ For each backbone at 224 px, 2 threads, batch 1, the same image, in one process:
   (a) a bare torch.inference_mode() forward,
   (b) the Predictor's label + CAM (one pass: CamExplainer),
   (c) plain pytorch-grad-cam GradCAM label + CAM,
-and the ratios b/a and c/a. Then, for the first backbone, the full Predictor.predict on a 600x450 JPEG and
+  (d) (b) with the 8-view test-time augmentation a study may switch on (probabilities from 8 views, CAM of one),
+and the ratios b/a, c/a and d/a. Then, for the first backbone, the full Predictor.predict on a 600x450 JPEG and
 an 8000x6000 JPEG: the time ratio and the peak memory the large one adds (ru_maxrss, in a fresh process).
 
     python benchmarks/bench_explain.py [--backbones ...] [--repeats 30]
@@ -27,11 +28,12 @@ import timm
 import torch
 from PIL import Image
 from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from timm.data import resolve_model_data_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dermadetect.explain import CamExplainer  # noqa: E402
 from dermadetect.hub import export_for_hub  # noqa: E402
+from dermadetect.posthoc import TTA_VIEWS  # noqa: E402
 from dermadetect.inference import Predictor, open_image  # noqa: E402
 from dermadetect.labels import HAM10000_CLASSES  # noqa: E402
 from dermadetect.config import DEFAULT_BACKBONES  # noqa: E402
@@ -89,10 +91,16 @@ def bench_backbone(name: str, folder: Path, repeats: int) -> dict:
         plain_cam.outputs.softmax(1)
         return cam
 
-    a, b, c = median_ms(bare, one_pass, plain, repeats=repeats)
+    tta = CamExplainer(model, name, views=TTA_VIEWS)
+
+    def one_pass_tta():
+        tta(pixels, None, "gradcam")
+
+    a, b, c, d = median_ms(bare, one_pass, plain, one_pass_tta, repeats=repeats)
     return {"backbone": name, "input": list(pixels.shape), "threads": torch.get_num_threads(),
             "bare_forward_ms": round(a, 2), "predictor_label_cam_ms": round(b, 2),
-            "plain_gradcam_label_cam_ms": round(c, 2), "b_over_a": round(b / a, 3), "c_over_a": round(c / a, 3)}
+            "plain_gradcam_label_cam_ms": round(c, 2), "predictor_tta_label_cam_ms": round(d, 2),
+            "b_over_a": round(b / a, 3), "c_over_a": round(c / a, 3), "d_over_a": round(d / a, 3)}
 
 
 def _status_kb(field: str) -> int:

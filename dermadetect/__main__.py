@@ -17,6 +17,7 @@ from pathlib import Path
 from .explain import CAM_METHODS
 from .inference import InvalidImageError, Predictor
 from .labels import DISCLAIMER
+from .posthoc import OOD_FILE
 from .report import results_markdown
 
 
@@ -53,7 +54,9 @@ def main(argv=None) -> int:
             print(json.dumps({"image": path, "error": str(exc), "error_type": type(exc).__name__}), flush=True)
             continue
         record = {"image": path, "top_class": result.top_label, "explained_class": result.explained_label,
-                  "probabilities": result.probabilities, "cam_method": args.cam_method or predictor.default_method}
+                  "probabilities": result.probabilities, "cam_method": args.cam_method or predictor.default_method,
+                  "melanoma_flag": result.melanoma_flag, "ood_score": result.ood_score,
+                  "out_of_distribution": result.out_of_distribution}
         if out:
             overlay = out / f"{Path(path).stem}_cam.png"
             result.overlay.save(overlay)
@@ -62,9 +65,9 @@ def main(argv=None) -> int:
     return 1 if failures else 0
 
 
-RESULT_FILES = ("metrics.json", "explain_faithfulness.json", "confusion_matrix.png", "roc_curves.png",
-                "training_curves.png", "gradcam_gallery.png")
-BUNDLE_FILES = ("config.json", "model.safetensors", "README.md", "examples.json")
+RESULT_FILES = ("metrics.json", "explain_faithfulness.json", "analysis.json", "confusion_matrix.png", "roc_curves.png",
+                "training_curves.png", "gradcam_gallery.png", "reliability_diagram.png")
+BUNDLE_FILES = ("config.json", "model.safetensors", "README.md", "examples.json", OOD_FILE)
 RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -74,8 +77,9 @@ def publish_run(run_dir: Path, bundle: str, repo: Path) -> None:
     README.md. Everything copied was written by train.py."""
     results = repo / "results" / run_dir.name
     results.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "comparison.json", "comparison.md", "splits.csv"):
-        shutil.copy2(run_dir / name, results / name)
+    for name in ("config.json", "comparison.json", "comparison.md", "splits.csv", "comparison.png"):
+        if name != "comparison.png" or (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, results / name)
     comparison = json.loads((run_dir / "comparison.json").read_text())
     for row in comparison["rows"]:
         (results / row["backbone"]).mkdir(exist_ok=True)
@@ -85,7 +89,8 @@ def publish_run(run_dir: Path, bundle: str, repo: Path) -> None:
     models = repo / "models" / f"dermadetect-{bundle}"
     models.mkdir(parents=True, exist_ok=True)
     for name in BUNDLE_FILES:  # examples/ stays behind: the app finds those images in DERMADETECT_DATA
-        shutil.copy2(run_dir / bundle / "export" / name, models / name)
+        if name != OOD_FILE or (run_dir / bundle / "export" / name).is_file():
+            shutil.copy2(run_dir / bundle / "export" / name, models / name)
     shutil.copy2(models / "README.md", repo / "model_card.md")
     readme = (repo / "README.md").read_text()
     start, end = readme.index(RESULTS_START) + len(RESULTS_START), readme.index(RESULTS_END)

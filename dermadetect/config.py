@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 DEFAULT_BACKBONES = ("resnet18", "efficientnet_b0", "convnextv2_nano")
 DEFAULT_HUB_DATASET = "marmal88/skin_cancer"
@@ -26,8 +27,18 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     pretrained: bool = True              # ImageNet weights through timm (the Hub)
-    pretrained_file: str | None = None   # local weights file instead of the Hub
+    pretrained_file: str | None = None   # local weights file instead of the Hub, for every backbone
+    pretrained_files: dict[str, str] = field(default_factory=dict)  # per backbone; wins over pretrained_file
     drop_rate: float = 0.2
+
+    def weights_file(self, backbone: str) -> str | None:
+        return self.pretrained_files.get(backbone) or self.pretrained_file
+
+    def init_description(self, backbone: str) -> str:
+        """How `backbone` starts: what every results table must say."""
+        if self.weights_file(backbone):
+            return f"ImageNet (file {Path(self.weights_file(backbone)).name})"
+        return "ImageNet (timm, Hub)" if self.pretrained else "random (from scratch)"
 
 
 @dataclass(frozen=True)

@@ -283,7 +283,6 @@ def check_no_lesion_leak(splits: dict[str, datasets.Dataset]) -> None:
 def load_lesion_data(cfg: DataConfig, seed: int) -> LesionData:
     """Source -> validated tables -> train/validation/test split by lesion_id (test kept if provided)."""
     tables, source, has_lesion_ids = load_source(cfg)
-    all_dx = {dx for t in tables.values() for dx in t["dx"]}
     # metadata sources use HAM10000 codes, so anything else is a typo; folder names define their own classes
     allowed = set(HAM10000_CLASSES) if has_lesion_ids else None
     tables, dropped = validate(tables, allowed, cfg.skip_bad_images)

@@ -21,6 +21,7 @@ from pytorch_grad_cam.metrics.road import ROADCombined
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
 from .models import target_layer
+from .posthoc import dihedral_batch
 
 CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM,
                "layercam": LayerCAM, "eigencam": EigenCAM}
@@ -29,19 +30,24 @@ DEFAULT_METHOD = "gradcam"
 
 @dataclass(frozen=True)
 class Explanation:
-    probabilities: np.ndarray   # (num_classes,), sums to 1
+    probabilities: np.ndarray   # (num_classes,), sums to 1 (averaged over the test-time views, if any)
     class_index: int            # the class the CAM explains
     cam: np.ndarray             # (H, W) in [0, 1], at the model's input resolution
+    pre_logits: np.ndarray      # (D,) penultimate features of the original view (for the OOD score)
 
 
 class CamExplainer:
     """Probabilities and a CAM for one preprocessed image, from one forward pass. Thread-safe: it keeps no
-    per-call state (no hooks; every call has its own leaf tensor)."""
+    per-call state (no hooks; every call has its own leaf tensor).
 
-    def __init__(self, model: torch.nn.Module, architecture: str, temperature: float = 1.0):
+    With `views` > 1 the probabilities average the logits of the dihedral views (test-time augmentation),
+    computed in the same batched pass; the CAM explains the original view."""
+
+    def __init__(self, model: torch.nn.Module, architecture: str, temperature: float = 1.0, views: int = 1):
         self.model = model.eval().requires_grad_(False)
         self.layer = target_layer(model, architecture)
         self.temperature = temperature
+        self.views = views
         # pytorch-grad-cam objects used for their CAM arithmetic only: their hooks are removed at once
         self._cams = {}
         for name, cls in CAM_METHODS.items():
@@ -55,25 +61,27 @@ class CamExplainer:
             raise ValueError(f"unknown CAM method {method!r}; choose one of {sorted(self._cams)}")
         cam_obj = self._cams[method]
         with torch.no_grad():
-            features = self.model.forward_features(pixels)
-        features = features.detach().requires_grad_(cam_obj.uses_gradients)
-        with torch.enable_grad():
-            logits = self.model.forward_head(features)
-            probs = (logits.detach().float() / self.temperature).softmax(dim=1)[0].numpy()
-            index = int(probs.argmax()) if class_index is None else int(class_index)
-            if not 0 <= index < logits.shape[1]:
-                raise ValueError(f"class index {index} out of range 0..{logits.shape[1] - 1}")
-            targets = [ClassifierOutputTarget(index)]
-            grads = None
-            if cam_obj.uses_gradients:
+            all_features = self.model.forward_features(dihedral_batch(pixels, self.views))
+            view_logits = self.model.forward_head(all_features).float()
+            pre_logits = self.model.forward_head(all_features[:1], pre_logits=True).float()[0].numpy()
+        probs = (view_logits.mean(dim=0) / self.temperature).softmax(dim=0).numpy()
+        index = int(probs.argmax()) if class_index is None else int(class_index)
+        if not 0 <= index < view_logits.shape[1]:
+            raise ValueError(f"class index {index} out of range 0..{view_logits.shape[1] - 1}")
+        features = all_features[:1].detach().requires_grad_(cam_obj.uses_gradients)
+        targets = [ClassifierOutputTarget(index)]
+        grads = None
+        if cam_obj.uses_gradients:
+            with torch.enable_grad():
+                logits = self.model.forward_head(features)
                 score = sum(t(o) for t, o in zip(targets, logits))
                 grads = torch.autograd.grad(score, features)[0].numpy()
         activations = features.detach().numpy()
-        cam = cam_obj.get_cam_image(pixels, self.layer, targets, activations, grads, eigen_smooth=False)
+        cam = cam_obj.get_cam_image(pixels[:1], self.layer, targets, activations, grads, eigen_smooth=False)
         height, width = pixels.shape[-2:]
         scaled = scale_cam_image(np.maximum(cam, 0), (width, height))
         cam = cam_obj.aggregate_multi_layers([scaled[:, None, :]])[0]
-        return Explanation(probabilities=probs, class_index=index, cam=cam)
+        return Explanation(probabilities=probs, class_index=index, cam=cam, pre_logits=pre_logits)
 
 
 def crop_box(image_size: tuple[int, int], data_config: dict) -> tuple[float, float, float, float]:

@@ -19,6 +19,7 @@ from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError,
 from timm.data import resolve_model_data_config
 from timm.models import get_pretrained_cfg, save_for_hf
 
+from .config import ModelConfig
 from .labels import readable_name
 
 CONFIG_FILE = "config.json"
@@ -106,12 +107,26 @@ def _download(repo_id: str, filename: str, revision: str | None) -> str:
                                f"{CONFIG_FILE} are loaded") from exc
 
 
+def _companion_file(source: str, folder: Path, filename: str) -> Path:
+    """A file config.json names besides the weights (e.g. the OOD detector), fetched like the weights."""
+    if source.startswith(HUB_PREFIX):
+        repo_id, _, revision = source[len(HUB_PREFIX):].partition("@")
+        return Path(_download(repo_id, filename, revision or None))
+    if not (folder / filename).is_file():
+        raise ModelSourceError(f"{folder}: {CONFIG_FILE} names {filename}, which is missing; copy the whole "
+                               "exported folder")
+    return folder / filename
+
+
 def load_model(source: str) -> LoadedModel:
     """Build the model described by a model folder or Hub repo, with its labels and eval data config."""
     folder, described = resolve_folder(source)
     config = json.loads((folder / CONFIG_FILE).read_text())
     if not config.get("label_names"):
         raise ModelSourceError(f"{described}: {CONFIG_FILE} has no label_names")
+    ood = config.get("dermadetect", {}).get("ood")
+    if ood:
+        _companion_file(source, folder, ood["file"])
     model = timm.create_model(f"local-dir:{folder}", pretrained=True)
     model.eval()
     return LoadedModel(model=model, architecture=config["architecture"],
@@ -134,7 +149,8 @@ def model_card(metrics: dict, run_info: dict, repo_id: str | None = None) -> Mod
     config = run_info["config"]
     test = metrics["test"]
     hub_dataset = config["data"]["dataset"]
-    hub_start = config["model"]["pretrained"] and not config["model"]["pretrained_file"]
+    model_cfg = ModelConfig(**config["model"])
+    hub_start = model_cfg.pretrained and not model_cfg.weights_file(backbone)
     base_model = getattr(get_pretrained_cfg(backbone), "hf_hub_id", None) if hub_start else None
     data = ModelCardData(
         license="cc-by-nc-4.0", library_name="timm", pipeline_tag="image-classification",
@@ -201,6 +217,7 @@ Per class, on the test split:
 | --- | --- | --- | --- | --- | --- |
 {per_class}
 
+{analysis_section(metrics.get("analysis"))}
 ## Limitations and bias
 - HAM10000 comes from clinics in Austria (Vienna) and Australia (Queensland); most patients have light skin,
   and the data has no skin-type labels, so performance on darker skin is unknown.
@@ -218,6 +235,64 @@ Cite the data:
   arXiv:1902.03368 (2019).
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def analysis_section(analysis: dict | None) -> str:
+    """The card's account of what was fitted after training (all on validation) and what it gives on test."""
+    if not analysis:
+        return ""
+    ci = analysis["bootstrap"]["test"]
+    mel = analysis["melanoma_operating_point"]
+    cal = analysis["calibration"]["test"]
+    ood = analysis["ood"]
+    rows = "\n".join(f"| {name} | {ci[key]['value']:.3f} | {ci[key]['low']:.3f} to {ci[key]['high']:.3f} |"
+                     for key, name in (("balanced_accuracy", "Balanced accuracy"), ("accuracy", "Accuracy"),
+                                       ("f1_macro", "Macro F1"), ("roc_auc_macro", "Macro ROC-AUC"),
+                                       ("melanoma_sensitivity_at_threshold", "Melanoma sensitivity at threshold"),
+                                       ("melanoma_specificity_at_threshold", "Melanoma specificity at threshold"))
+                     if key in ci)
+    recalls = ", ".join(f"{key.split('/', 1)[1]} {v['value']:.2f} ({v['low']:.2f}-{v['high']:.2f})"
+                        for key, v in ci.items() if key.startswith("recall/"))
+    groups = "\n".join(
+        f"| {column} | {g['group']} | {g['images']} | {g['accuracy']:.3f} | {g['balanced_accuracy']:.3f} | "
+        f"{g['melanomas']} | {_num(g['melanoma_sensitivity'])} |"
+        for column, entries in analysis["subgroups"].items() for g in entries)
+    tta = analysis["tta"]
+    return f"""
+## Calibrated, with a melanoma operating point and an out-of-distribution guard
+Fitted after training on the validation split only; the test split was scored once. `config.json` carries them
+under `dermadetect`, and DermaDetect's `Predictor` applies them.
+- Test-time augmentation ({tta['views']} views: {tta['transforms']}): {"used" if tta['used'] else "not used"}
+  (validation balanced accuracy {tta['validation_balanced_accuracy']['without']:.3f} without,
+  {tta['validation_balanced_accuracy']['with']:.3f} with). Test balanced accuracy {_num(tta['test_without']['balanced_accuracy'])}
+  without, {_num(tta['test_with']['balanced_accuracy'])} with.
+- Temperature scaling: T = {analysis['temperature']:.3f}. Test expected calibration error (15 bins)
+  {cal['before']['ece']:.3f} before, {cal['after']['ece']:.3f} after; NLL {cal['before']['nll']:.3f} -> {cal['after']['nll']:.3f}.
+- Melanoma operating point: flag when P(melanoma) >= {mel['threshold']:.3f}, the threshold that gives
+  sensitivity >= {mel['target_sensitivity']} on validation ({_num(mel['validation']['sensitivity'])}). On test: sensitivity
+  {_num(mel['test']['sensitivity'])}, specificity {_num(mel['test']['specificity'])}, PPV {_num(mel['test']['ppv'])},
+  NPV {_num(mel['test']['npv'])} (TP {mel['test']['tp']}, FP {mel['test']['fp']}, TN {mel['test']['tn']}, FN {mel['test']['fn']}).
+- Out-of-distribution guard: {ood['method']}; an image scoring above {ood['threshold']:.1f}
+  ({ood['threshold_rule']}) is flagged as probably not a dermoscopy image. AUROC, test images vs
+  {len(ood['photos'])} non-dermoscopic pictures (scikit-image samples): {ood['auroc_test_vs_photos']:.3f}
+  (energy score: {ood['auroc_energy_test_vs_photos']:.3f}); flagged: {ood['test_flagged']:.1%} of test images,
+  {ood['photos_flagged']:.0%} of the pictures.
+
+Test metrics of the calibrated model with 95% bootstrap intervals ({analysis['bootstrap']['resamples']} resamples of
+lesions):
+
+| metric | value | 95% interval |
+| --- | --- | --- |
+{rows}
+
+Recall per class (95% interval): {recalls}.
+
+Subgroups of the test split (calibrated model; balanced accuracy over the classes present in the group):
+
+| by | group | images | accuracy | balanced accuracy | melanomas | melanoma sensitivity |
+| --- | --- | --- | --- | --- | --- | --- |
+{groups}
+"""
 
 
 def _num(value) -> str:

@@ -19,6 +19,7 @@ from timm.data import create_transform
 from .explain import DEFAULT_METHOD, CamExplainer, cam_on_image
 from .hub import LoadedModel, load_model
 from .labels import readable_name
+from .posthoc import MahalanobisDetector
 
 ACCEPTED_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP", "TIFF": "TIFF",
                     "GIF": "GIF"}
@@ -56,6 +57,9 @@ class Prediction:
     cam: np.ndarray                   # (H, W) in [0, 1] at the model's input resolution
     overlay: Image.Image              # the CAM on the (EXIF-rotated, possibly reduced) upload
     image_size: tuple[int, int]       # the size of the image the overlay is drawn on
+    ood_score: float | None = None    # Mahalanobis distance to the training images (None: model has no detector)
+    out_of_distribution: bool = False  # the score is above the model's threshold: probably not dermoscopy
+    melanoma_flag: bool | None = None  # P(melanoma) at or above the validation-chosen threshold (None: no threshold)
 
     @property
     def readable(self) -> dict[str, float]:
@@ -133,8 +137,14 @@ class Predictor:
         self.data_config = self.loaded.data_config
         self.transform = create_transform(**self.data_config, is_training=False)
         settings = self.loaded.config.get("dermadetect", {})
-        self.explainer = CamExplainer(self.loaded.model, self.loaded.architecture, settings.get("temperature", 1.0))
+        # fitted on validation after training (dermadetect.study); absent in older exports: plain softmax
+        self.explainer = CamExplainer(self.loaded.model, self.loaded.architecture, settings.get("temperature", 1.0),
+                                      int(settings.get("tta_views", 1)))
         self.default_method = settings.get("cam_method", DEFAULT_METHOD)
+        self.melanoma_threshold = settings.get("melanoma_threshold")
+        ood = settings.get("ood")
+        self.ood = (MahalanobisDetector.load(self.loaded.folder / ood["file"], ood["threshold"])
+                    if ood else None)
         self.max_pixels = max_pixels
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -150,8 +160,13 @@ class Predictor:
         class_index = self.label_names.index(explain) if isinstance(explain, str) else explain
         result = self.explainer(self.preprocess(image), class_index, method or self.default_method)
         probabilities = {name: float(p) for name, p in zip(self.label_names, result.probabilities)}
+        ood_score = float(self.ood.score(result.pre_logits[None])[0]) if self.ood else None
+        melanoma_flag = (probabilities["mel"] >= self.melanoma_threshold
+                         if self.melanoma_threshold is not None and "mel" in probabilities else None)
         return Prediction(probabilities=probabilities,
                           top_label=self.label_names[int(result.probabilities.argmax())],
                           explained_label=self.label_names[result.class_index], cam=result.cam,
                           overlay=cam_on_image(result.cam, image, self.data_config, opacity),
-                          image_size=image.size)
+                          image_size=image.size, ood_score=ood_score,
+                          out_of_distribution=bool(ood_score is not None and ood_score > self.ood.threshold),
+                          melanoma_flag=melanoma_flag)

@@ -1,11 +1,12 @@
-"""Classification metrics as flat dicts of floats, computed with scikit-learn from labels and probabilities."""
+"""Metrics from labels and probabilities: classification (scikit-learn, flat dicts of floats), calibration,
+operating points, bootstrap confidence intervals."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix,
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
                              precision_recall_fscore_support, roc_auc_score)
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, label_names,
@@ -46,3 +47,82 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, label_names,
 def json_safe(metrics: dict) -> dict:
     """NaN -> None so that the file is strict JSON."""
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
+    """Top-label calibration in `bins` equal-width confidence bins: counts, mean confidence and accuracy per
+    bin, and the expected calibration error (the count-weighted mean |accuracy - confidence|)."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    # by hand: scikit-learn's calibration_curve drops empty bins and returns no counts, which ECE weighs by
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    count = np.bincount(which, minlength=bins)
+    conf_sum = np.bincount(which, weights=confidence, minlength=bins)
+    acc_sum = np.bincount(which, weights=correct, minlength=bins)
+    with np.errstate(invalid="ignore"):
+        mean_conf, accuracy = conf_sum / count, acc_sum / count
+    ece = float(np.sum(np.abs(acc_sum - conf_sum)) / len(labels))
+    return {"ece": ece, "edges": edges.tolist(), "count": count.tolist(),
+            "confidence": [None if math.isnan(v) else float(v) for v in mean_conf],
+            "accuracy": [None if math.isnan(v) else float(v) for v in accuracy]}
+
+
+def threshold_for_sensitivity(scores: np.ndarray, positives: np.ndarray, target: float) -> float:
+    """The highest threshold t with sensitivity(score >= t) >= target: the operating point that meets the
+    target with the fewest false positives on the data it is chosen on."""
+    positive_scores = np.sort(np.asarray(scores)[np.asarray(positives, dtype=bool)])[::-1]
+    if not len(positive_scores):
+        raise ValueError("no positive cases to choose a threshold on")
+    needed = math.ceil(target * len(positive_scores) - 1e-9)
+    return float(positive_scores[max(needed, 1) - 1])
+
+
+def operating_point(scores: np.ndarray, positives: np.ndarray, threshold: float) -> dict:
+    """Sensitivity, specificity, PPV and NPV of `score >= threshold`, with the counts behind them."""
+    flagged = np.asarray(scores) >= threshold
+    positives = np.asarray(positives, dtype=bool)
+    tp, fp = int(np.sum(flagged & positives)), int(np.sum(flagged & ~positives))
+    fn, tn = int(np.sum(~flagged & positives)), int(np.sum(~flagged & ~positives))
+    ratio = lambda a, b: a / (a + b) if a + b else None  # noqa: E731
+    return {"threshold": float(threshold), "sensitivity": ratio(tp, fn), "specificity": ratio(tn, fp),
+            "ppv": ratio(tp, fp), "npv": ratio(tn, fn), "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
+def bootstrap_intervals(labels, probs, groups, label_names, mel_threshold: float, resamples: int = 1000,
+                        seed: int = 0) -> dict:
+    """Percentile 95% intervals of the test metrics, resampling whole lesions (images of one lesion are not
+    independent). Returns {metric: {"value", "low", "high"}}."""
+    # a loop rather than scipy.stats.bootstrap: that resamples observations, and undefined values (no melanoma
+    # in a resample) would need NaN handling it does not do
+    labels, probs, groups = np.asarray(labels), np.asarray(probs), np.asarray(groups)
+    mel = list(label_names).index("mel")
+    classes = np.arange(len(label_names))
+
+    def metrics(idx):
+        y, p = labels[idx], probs[idx]
+        pred = p.argmax(axis=1)
+        out = {"balanced_accuracy": balanced_accuracy_score(y, pred), "accuracy": float(np.mean(pred == y)),
+               "f1_macro": f1_score(y, pred, labels=classes, average="macro", zero_division=0)}
+        aucs = [roc_auc_score(y == k, p[:, k]) for k in classes if 0 < np.sum(y == k) < len(y)]
+        out["roc_auc_macro"] = float(np.mean(aucs))
+        for k, name in enumerate(label_names):
+            if np.any(y == k):
+                out[f"recall/{name}"] = float(np.mean(pred[y == k] == k))
+        point = operating_point(p[:, mel], y == mel, mel_threshold)
+        out["melanoma_sensitivity_at_threshold"] = point["sensitivity"]
+        out["melanoma_specificity_at_threshold"] = point["specificity"]
+        return out
+
+    point = metrics(np.arange(len(labels)))
+    unique, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
+    rng = np.random.default_rng(seed)
+    samples = {key: [] for key in point}
+    for _ in range(resamples):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))])
+        for key, value in metrics(idx).items():
+            if value is not None:
+                samples[key].append(value)
+    return {key: {"value": point[key], "low": float(np.percentile(samples[key], 2.5)),
+                  "high": float(np.percentile(samples[key], 97.5))} for key in point}

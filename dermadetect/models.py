@@ -46,8 +46,8 @@ def create_backbone(model_name: str, num_classes: int, cfg: ModelConfig) -> torc
     if not timm.is_model(model_name.split(".")[0]):
         raise ValueError(f"unknown timm model {model_name!r}; see timm.list_models()")
     kwargs = dict(num_classes=num_classes, drop_rate=cfg.drop_rate)
-    if cfg.pretrained_file:
-        path = Path(cfg.pretrained_file).expanduser()
+    if cfg.weights_file(model_name):
+        path = Path(cfg.weights_file(model_name)).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"--pretrained-file {path} does not exist")
         # timm loads the file and drops the 1000-class head when num_classes differs

@@ -194,3 +194,22 @@ def test_upload_bytes_are_not_decoded_by_gradio(tmp_path):
     path.write_text("not an image")
     component = app.UploadPath(type="filepath", image_mode=None)
     assert component.preprocess(ImageData(path=str(path), orig_name="x.txt")) == str(path)
+
+
+def test_summary_warns_on_non_dermoscopy_and_names_the_melanoma_threshold():
+    from dermadetect.inference import Prediction
+
+    labels = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+    probabilities = dict(zip(labels, (0.02, 0.03, 0.05, 0.01, 0.30, 0.58, 0.01)))
+
+    def summary(ood: bool, flag: bool) -> str:
+        result = Prediction(probabilities=probabilities, top_label="nv", explained_label="nv",
+                            cam=np.zeros((4, 4)), overlay=Image.new("RGB", (4, 4)), image_size=(4, 4),
+                            ood_score=1.0, out_of_distribution=ood, melanoma_flag=flag)
+        return app.summary_line(result, labels)
+
+    assert "does not look like a dermoscopy image" in summary(True, True)
+    assert "screening threshold" not in summary(True, True)  # no melanoma talk about a picture of a cat
+    assert "screening threshold" in summary(False, True) and "85%" in summary(False, True)
+    plain = summary(False, False)
+    assert "screening threshold" not in plain and "dermoscopy image" not in plain and "not a diagnosis" in plain

@@ -108,7 +108,8 @@ from dermadetect.inference import Predictor
 from dermadetect.hub import ModelSourceError
 try:
     p = Predictor(sys.argv[1])
-    print(json.dumps({"probs": p.predict(sys.argv[2]).probabilities, "folder": str(p.loaded.folder)}))
+    r = p.predict(sys.argv[2])
+    print(json.dumps({"probs": r.probabilities, "ood_score": r.ood_score, "folder": str(p.loaded.folder)}))
 except ModelSourceError as exc:
     print(json.dumps({"error": str(exc)}))
 """
@@ -128,10 +129,13 @@ def test_download_pinned_revision_then_offline(fake_hub, smoke_run, small_data, 
     endpoint, server = fake_hub
     image = str(next((small_data / "test").glob("*.jpg")))
     from dermadetect.inference import Predictor
-    expected = Predictor(str(smoke_run / "resnet18" / "export")).predict(image).probabilities
+    local = Predictor(str(smoke_run / "resnet18" / "export")).predict(image)
+    expected = local.probabilities
 
     online = load_in_subprocess(f"hf-hub:test/model@{COMMIT}", image, endpoint, tmp_path / "hf")
     assert online["probs"] == pytest.approx(expected, abs=1e-6)
+    # the OOD detector named in config.json came down with the weights
+    assert local.ood_score is not None and online["ood_score"] == pytest.approx(local.ood_score, rel=1e-5)
     assert str(tmp_path / "hf") in online["folder"] and COMMIT in online["folder"]  # huggingface_hub's cache
 
     server.shutdown()  # no network from here on

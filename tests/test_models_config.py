@@ -35,6 +35,27 @@ def test_pretrained_file_loads_imagenet_weights():
     assert model.get_classifier().out_features == 7
 
 
+def test_per_backbone_weights_files_and_the_rest_from_scratch():
+    """The CPU recipe: EfficientNet-Lite0 from its local ImageNet file, the other backbones from random weights."""
+    path = REPO.parent / "shared" / "weights" / "efficientnet_lite0.in1k.safetensors"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    cfg = ModelConfig(pretrained=False, pretrained_files={"efficientnet_lite0": str(path)})
+    lite0 = create_backbone("efficientnet_lite0", 7, cfg)
+    assert torch.equal(lite0.conv_stem.weight, load_file(path)["conv_stem.weight"])
+    resnet = create_backbone("resnet18", 7, cfg)  # no file, pretrained=False: no Hub access attempted
+    assert resnet.get_classifier().out_features == 7
+    assert cfg.init_description("efficientnet_lite0") == "ImageNet (file efficientnet_lite0.in1k.safetensors)"
+    assert cfg.init_description("resnet18") == "random (from scratch)"
+    import train
+    parsed = train.build_config(train.parse_args(["--config", str(REPO / "configs" / "cpu.yaml")]))
+    assert parsed.model.pretrained_files == {"efficientnet_lite0": "../shared/weights/efficientnet_lite0.in1k.safetensors"}
+    flags = train.build_config(train.parse_args(["--pretrained-files", f"efficientnet_lite0={path}"]))
+    assert flags.model.pretrained_files == {"efficientnet_lite0": str(path)}
+    with pytest.raises(SystemExit):
+        train.parse_args(["--pretrained-files", "no-equals-sign"])
+
+
 def test_missing_download_names_both_alternatives(tmp_path):
     code = ("from dermadetect.models import create_backbone, ModelConfig\n"
             "create_backbone('resnet18', 7, ModelConfig())")

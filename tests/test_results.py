@@ -13,7 +13,7 @@ from conftest import REPO
 from dermadetect.__main__ import RESULTS_END, RESULTS_START, publish_run
 from dermadetect.hub import model_card
 from dermadetect.inference import Predictor
-from dermadetect.report import results_markdown
+from dermadetect.report import read_backbone_row, results_markdown
 
 
 def committed_runs():
@@ -40,10 +40,10 @@ def test_bundled_model_and_its_card_come_from_the_results():
     assert (REPO / "model_card.md").read_text() == card
     backbone = json.loads((bundle / "config.json").read_text())["architecture"]
     run = next(r for r in committed_runs() if (r / backbone / "metrics.json").is_file())
-    metrics = json.loads((run / backbone / "metrics.json").read_text())
+    metrics = read_backbone_row(run / backbone)
     run_info = json.loads((run / "config.json").read_text())
     assert card == str(model_card(metrics, run_info))
-    assert "train.py" in card and "--pretrained-file" in card  # the exact command is recorded
+    assert f"`{' '.join(run_info['command'])}`" in card  # the exact command is recorded
     predictor = Predictor(str(bundle))
     assert predictor.label_names == tuple(run_info["label_names"])
     assert predictor.default_method == json.loads((run / backbone / "explain_faithfulness.json").read_text())[
@@ -61,7 +61,7 @@ def test_publish_copies_a_run(smoke_run, tmp_path):
     assert (repo / "README.md").read_text().endswith("after\n")
     bundled = repo / "models" / "dermadetect-resnet18"
     assert sorted(p.name for p in bundled.iterdir()) == ["README.md", "config.json", "examples.json",
-                                                          "model.safetensors"]
+                                                          "model.safetensors", "ood.safetensors"]
     assert not list(repo.rglob("*.jpg"))  # no dataset images leave the run folder
     assert (repo / "model_card.md").read_text() == (smoke_run / "resnet18" / "export" / "README.md").read_text()
     for backbone in ("resnet18", "efficientnet_b0", "convnextv2_nano"):
@@ -72,3 +72,22 @@ def test_publish_copies_a_run(smoke_run, tmp_path):
 @pytest.mark.parametrize("name", ["comparison.json", "config.json", "splits.csv"])
 def test_committed_run_is_complete(name):
     assert all((run / name).is_file() for run in committed_runs())
+
+
+def test_bundled_model_applies_the_studied_ood_guard():
+    """The Predictor flags exactly the non-dermoscopic pictures the study's analysis flagged, with its scores."""
+    from dermadetect.study import photo_samples
+
+    bundle = app.BUNDLED_MODEL
+    backbone = json.loads((bundle / "config.json").read_text())["architecture"]
+    run = next(r for r in committed_runs() if (r / backbone / "analysis.json").is_file())
+    analysis = json.loads((run / backbone / "analysis.json").read_text())
+    predictor = Predictor(str(bundle))
+    assert predictor.ood.threshold == analysis["ood"]["threshold"]
+    flagged = []
+    for name, image in photo_samples():
+        result = predictor.predict(image)
+        flagged.append(result.out_of_distribution)
+        if max(image.size) <= 1024:  # larger uploads are reduced first, so their pixels differ slightly
+            assert result.ood_score == pytest.approx(analysis["ood"]["photo_scores"][name], rel=1e-3)
+    assert sum(flagged) / len(flagged) == pytest.approx(analysis["ood"]["photos_flagged"])

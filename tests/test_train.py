@@ -19,11 +19,14 @@ from conftest import REPO, SMALL_RUN, read_metadata, run_train, write_metadata
 from dermadetect.config import DEFAULT_BACKBONES
 from dermadetect.labels import melanoma_index
 from dermadetect.metrics import classification_metrics
+from dermadetect.posthoc import MahalanobisDetector
 
 PER_BACKBONE_FILES = ("metrics.json", "confusion_matrix.png", "roc_curves.png", "training_curves.png",
                       "predictions_validation.csv", "predictions_test.csv", "best/model.safetensors",
                       "state/trainer_state.json", "explain_faithfulness.json", "gradcam_gallery.png",
-                      "export/config.json", "export/model.safetensors")
+                      "export/config.json", "export/model.safetensors", "analysis.json", "reliability_diagram.png",
+                      "predictions_calibrated_validation.csv", "predictions_calibrated_test.csv",
+                      "export/ood.safetensors")
 
 
 def read_predictions(path):
@@ -36,7 +39,7 @@ def read_predictions(path):
 
 
 def test_smoke_run_writes_every_artifact(smoke_run):
-    for name in ("config.json", "splits.csv", "comparison.json", "comparison.md"):
+    for name in ("config.json", "splits.csv", "comparison.json", "comparison.md", "comparison.png"):
         assert (smoke_run / name).is_file(), name
     for backbone in DEFAULT_BACKBONES:
         for name in PER_BACKBONE_FILES:
@@ -52,7 +55,7 @@ def test_smoke_run_writes_every_artifact(smoke_run):
     assert all(f"| {b}" in table for b in DEFAULT_BACKBONES) and "(best)" in table
     for row in comparison["rows"]:
         assert row["train_images_per_second"] > 0 and row["parameters"] > 1e6
-        assert row["steps"] == 8 and row["init"] == "random"
+        assert row["steps"] == 8 and row["init"] == "random (from scratch)"
 
 
 def test_saved_metrics_equal_sklearn_on_saved_predictions(smoke_run):
@@ -191,5 +194,44 @@ def test_export_round_trip_matches_the_trained_model(smoke_run, small_data):
             expected = trained(x)
             torch.testing.assert_close(from_timm(x), expected)
             torch.testing.assert_close(predictor.loaded.model(x), expected)
-        probs = predictor.predict(image).probabilities
-        np.testing.assert_allclose(list(probs.values()), expected.softmax(1)[0].numpy(), atol=1e-5)
+        # the analysis' choices on validation: temperature, test-time views, OOD detector
+        settings = config["dermadetect"]
+        views = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]
+        views = [v for view in views for v in (view, view.flip(3))][:settings["tta_views"]]
+        with torch.no_grad():
+            logits = torch.stack([trained(v)[0] for v in views]).mean(0)
+            pre_logits = trained.forward_head(trained.forward_features(x), pre_logits=True)[0].numpy()
+        result = predictor.predict(image)
+        np.testing.assert_allclose(list(result.probabilities.values()),
+                                   (logits / settings["temperature"]).softmax(0).numpy(), atol=1e-5)
+        ood = MahalanobisDetector.load(export / settings["ood"]["file"], settings["ood"]["threshold"])
+        assert result.ood_score == pytest.approx(float(ood.score(pre_logits[None])[0]), rel=1e-4)
+        assert result.out_of_distribution == (result.ood_score > settings["ood"]["threshold"])
+        assert result.melanoma_flag == (result.probabilities["mel"] >= settings["melanoma_threshold"])
+
+
+def test_analysis_choices_are_made_on_validation(smoke_run):
+    """The melanoma threshold meets the target on validation; the OOD threshold keeps 95% of validation; test
+    metrics in analysis.json equal scikit-learn on the calibrated test predictions."""
+    for backbone in DEFAULT_BACKBONES:
+        analysis = json.loads((smoke_run / backbone / "analysis.json").read_text())
+        config = json.loads((smoke_run / backbone / "export" / "config.json").read_text())["dermadetect"]
+        assert config["temperature"] == analysis["temperature"] > 0
+        assert config["tta_views"] == (8 if analysis["tta"]["used"] else 1)
+        val_rows, names, val_labels, val_probs = read_predictions(
+            smoke_run / backbone / "predictions_calibrated_validation.csv")
+        mel = names.index("mel")
+        # the threshold is one melanoma's P(mel); the CSV keeps 9 significant digits
+        caught = val_probs[val_labels == mel, mel] >= config["melanoma_threshold"] * (1 - 1e-7)
+        assert caught.mean() >= 0.85
+        scores = np.array([float(r["ood_score"]) for r in val_rows])
+        # np.quantile interpolates: on a small validation split the share kept is 95% to within one image
+        assert np.mean(scores <= config["ood"]["threshold"]) >= 0.95 - 1 / len(scores)
+        _, _, labels, probs = read_predictions(smoke_run / backbone / "predictions_calibrated_test.csv")
+        expected = classification_metrics(labels, probs, names, melanoma_index(names))
+        for key in ("balanced_accuracy", "accuracy", "f1_macro", "roc_auc_macro"):
+            assert analysis["test_final"][key] == pytest.approx(expected[key])
+            assert analysis["bootstrap"]["test"][key]["value"] == pytest.approx(expected[key])
+        assert analysis["ood"]["photos"] and 0 <= analysis["ood"]["auroc_test_vs_photos"] <= 1
+        assert {g["group"] for g in analysis["subgroups"]["sex"]} <= {"female", "male", "unknown"}
+        assert sum(g["images"] for g in analysis["subgroups"]["dataset"]) == len(labels)

@@ -1,0 +1,114 @@
+"""Calibration, operating points, bootstrap intervals, test-time augmentation and the OOD detector, each
+checked against an independent computation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score
+
+from dermadetect.metrics import bootstrap_intervals, operating_point, reliability_bins, threshold_for_sensitivity
+from dermadetect.posthoc import (MahalanobisDetector, dihedral_batch, energy_score, fit_temperature, nll,
+                                 softmax)
+
+LABELS = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+
+
+def sample_labels(rng, probs):
+    return np.array([rng.choice(probs.shape[1], p=p) for p in probs])
+
+
+def test_temperature_recovers_the_one_that_generated_the_labels():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, size=(20000, 5))
+    labels = sample_labels(rng, softmax(logits, 2.5))   # the true model is softmax(logits / 2.5)
+    assert fit_temperature(logits, labels) == pytest.approx(2.5, rel=0.05)
+    grid = np.linspace(0.5, 5, 91)
+    best_on_grid = grid[np.argmin([nll(logits, labels, t) for t in grid])]
+    assert fit_temperature(logits, labels) == pytest.approx(best_on_grid, abs=0.06)
+    before, after = reliability_bins(softmax(logits), labels), reliability_bins(softmax(logits, 2.5), labels)
+    assert after["ece"] < 0.02 < before["ece"]
+
+
+def test_ece_equals_a_hand_computation():
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.45, 0.55], [0.99, 0.01]])
+    labels = np.array([0, 1, 1, 0, 0])
+    # 5 bins of width 0.2: confidences 0.9, 0.8 (bin 0.6-0.8], 0.7, 0.55, 0.99
+    # bin (0.4,0.6]: 0.55 wrong -> |0 - 0.55|; bin (0.6,0.8]: 0.8 wrong, 0.7 right -> |0.5 - 0.75| * 2
+    # bin (0.8,1]: 0.9 right, 0.99 right -> |1 - 0.945| * 2
+    expected = (0.55 + 0.25 * 2 + 0.055 * 2) / 5
+    bins = reliability_bins(probs, labels, bins=5)
+    assert bins["ece"] == pytest.approx(expected)
+    assert bins["count"] == [0, 0, 1, 2, 2]
+
+
+def test_melanoma_threshold_is_the_highest_that_meets_the_target():
+    rng = np.random.default_rng(1)
+    positives = rng.random(500) < 0.2
+    scores = np.where(positives, rng.beta(4, 2, 500), rng.beta(2, 4, 500))
+    threshold = threshold_for_sensitivity(scores, positives, 0.85)
+    assert operating_point(scores, positives, threshold)["sensitivity"] >= 0.85
+    above = np.sort(np.unique(scores[scores > threshold]))
+    assert operating_point(scores, positives, above[0])["sensitivity"] < 0.85  # the next one up misses it
+    point = operating_point(scores, positives, threshold)
+    flagged = scores >= threshold
+    assert point["ppv"] == pytest.approx(np.mean(positives[flagged]))
+    assert point["npv"] == pytest.approx(np.mean(~positives[~flagged]))
+    assert point["tp"] + point["fp"] + point["tn"] + point["fn"] == 500
+
+
+def test_bootstrap_intervals_resample_lesions():
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(7), 40)
+    probs = softmax(np.eye(7)[labels] * 2 + rng.normal(0, 1, (len(labels), 7)))
+    lesions = np.arange(len(labels))
+    ci = bootstrap_intervals(labels, probs, lesions, LABELS, mel_threshold=0.3, resamples=300)
+    value = balanced_accuracy_score(labels, probs.argmax(1))
+    assert ci["balanced_accuracy"]["value"] == pytest.approx(value)
+    assert ci["balanced_accuracy"]["low"] < value < ci["balanced_accuracy"]["high"]
+    # every image copied 4 times under one lesion id: same point estimate; intervals as wide as for one copy
+    copied = bootstrap_intervals(np.repeat(labels, 4), np.repeat(probs, 4, axis=0), np.repeat(lesions, 4),
+                                 LABELS, mel_threshold=0.3, resamples=300)
+    width = ci["balanced_accuracy"]["high"] - ci["balanced_accuracy"]["low"]
+    copied_width = copied["balanced_accuracy"]["high"] - copied["balanced_accuracy"]["low"]
+    assert copied["balanced_accuracy"]["value"] == pytest.approx(value)
+    assert copied_width == pytest.approx(width, rel=0.35)
+    as_images = bootstrap_intervals(np.repeat(labels, 4), np.repeat(probs, 4, axis=0), np.arange(len(labels) * 4),
+                                    LABELS, mel_threshold=0.3, resamples=300)
+    assert as_images["balanced_accuracy"]["high"] - as_images["balanced_accuracy"]["low"] < 0.75 * copied_width
+
+
+def test_dihedral_views_are_the_eight_symmetries():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    views = dihedral_batch(x).view(2, 8, 3, 4, 4)
+    assert torch.equal(views[:, 0], x)
+    assert len({tuple(v.flatten().tolist()) for v in views[0]}) == 8
+    # the set of views is closed under the group: views of a rotated image are the same eight images
+    rotated = dihedral_batch(torch.rot90(x, 1, dims=(2, 3))).view(2, 8, 3, 4, 4)
+    assert {tuple(v.flatten().tolist()) for v in rotated[0]} == {tuple(v.flatten().tolist()) for v in views[0]}
+
+
+def test_mahalanobis_detector_matches_numpy_and_round_trips(tmp_path):
+    rng = np.random.default_rng(3)
+    means = rng.normal(0, 5, (3, 6))
+    labels = np.repeat(np.arange(3), 400)
+    features = means[labels] + rng.normal(0, 1, (1200, 6))
+    detector = MahalanobisDetector.fit(features, labels)
+    probe = np.vstack([means + rng.normal(0, 1, (3, 6)), rng.normal(0, 1, (3, 6)) + 30])
+    precision = detector.precision.double().numpy()
+    fitted = detector.means.double().numpy()
+    expected = np.array([min((p - m) @ precision @ (p - m) for m in fitted) for p in probe])
+    assert detector.score(probe) == pytest.approx(expected, rel=1e-6)
+    assert expected[:3].max() < 30 < expected[3:].min()    # near a class mean vs far from all of them
+    detector.threshold = 12.5
+    detector.save(tmp_path)
+    loaded = MahalanobisDetector.load(tmp_path / "ood.safetensors", 12.5)
+    assert loaded.score(probe) == pytest.approx(detector.score(probe)) and loaded.threshold == 12.5
+
+
+def test_energy_is_negative_logsumexp():
+    logits = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    assert energy_score(logits) == pytest.approx([-math.log(math.e + math.e**2 + math.e**3), -math.log(3)])
