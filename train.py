@@ -25,9 +25,9 @@ from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
 
 from dermadetect.config import DEFAULT_BACKBONES, DEFAULT_HUB_DATASET, RunConfig, replace_nested
-from dermadetect.data import LesionData, as_torch_dataset, build_transforms, collate, load_lesion_data
-from dermadetect.engine import (TrainerState, load_checkpoint, make_accelerator, predict, save_checkpoint,
-                                set_seed, train_one_epoch)
+from dermadetect.data import SPLIT_NAMES, LesionData, as_torch_dataset, build_transforms, collate, load_lesion_data
+from dermadetect.engine import (TrainerState, load_checkpoint, make_accelerator, predict, read_trainer_state,
+                                save_checkpoint, set_seed, train_one_epoch)
 from dermadetect.explain import road_faithfulness
 from dermadetect.hub import (HubPushError, complete_export, export_for_hub, model_card, push_to_hub,
                              update_export_config)
@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --output-dir")
     p.add_argument("--eval-only", action="store_true",
                    help="re-evaluate the best checkpoints in --output-dir; writes metrics_eval.json")
+    p.add_argument("--train-only", action="store_true",
+                   help="train and checkpoint every backbone, then stop; `--resume` later scores, explains and "
+                        "analyses them (train on a GPU machine, finish where the data is)")
     p.add_argument("--analyze-only", action="store_true",
                    help="(re)run the post-training analysis of a finished run: TTA, temperature, melanoma "
                         "threshold, OOD detector (all chosen on validation), bootstrap CIs, subgroups")
@@ -161,8 +164,9 @@ def write_predictions(path: Path, table, label_names, labels, probs) -> None:
 
 
 def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run_dir: Path,
-                   resume: bool) -> dict:
-    """Train one backbone, keep its best validation checkpoint, score it on validation and test."""
+                   resume: bool, train_only: bool = False) -> dict | None:
+    """Train one backbone, keep its best validation checkpoint, score it on validation and test (unless
+    `train_only`: then return None once training is done)."""
     out = run_dir / name
     out.mkdir(parents=True, exist_ok=True)
     set_seed(cfg.train.seed)  # every backbone starts from the same seed: identical conditions
@@ -182,11 +186,15 @@ def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run
                                        warmup_lr=cfg.train.lr * 0.01, step_on_epochs=False,
                                        updates_per_epoch=updates_per_epoch)
 
-    state = (load_checkpoint(accelerator, out) if resume else None) or TrainerState()
-    if state.epoch:
+    state = (read_trainer_state(out) if resume else None) or TrainerState()
+    if training_finished(state, cfg.train):
+        # scoring needs only best/ and the history: the optimizer state may have stayed on the training machine
+        accelerator.print(f"{name}: training finished ({state.epoch} epochs), scoring the best checkpoint")
+    elif state.epoch:
+        state = load_checkpoint(accelerator, out)
         accelerator.print(f"{name}: resuming after epoch {state.epoch} (step {state.global_step})")
     for epoch in range(state.epoch, cfg.train.epochs):
-        if cfg.train.max_steps and state.global_step >= cfg.train.max_steps:
+        if training_finished(state, cfg.train):
             break
         train_loader.set_epoch(epoch)
         stats = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, accelerator, state,
@@ -205,6 +213,9 @@ def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run
                           f"val bal-acc {val['balanced_accuracy']:.4f} acc {val['accuracy']:.4f} "
                           f"({stats['train_images'] / stats['train_seconds']:.1f} img/s)")
         save_checkpoint(accelerator, state, out)
+    if train_only:
+        accelerator.free_memory(model, optimizer, train_loader, val_loader, test_loader)
+        return None
 
     row, outputs = score_best(name, model, {"validation": val_loader, "test": test_loader}, data, accelerator, out)
     if accelerator.is_main_process:
@@ -224,6 +235,24 @@ def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run
                         plots=[out / p for p in PLOTS], examples=pick_examples(data))
     accelerator.free_memory(model, optimizer, train_loader, val_loader, test_loader)
     return row
+
+
+def training_finished(state: TrainerState, cfg) -> bool:
+    return state.epoch >= cfg.epochs or bool(cfg.max_steps and state.global_step >= cfg.max_steps)
+
+
+def check_same_splits(data: LesionData, run_dir: Path) -> None:
+    """A continued run must see the images it started with, split the same way (same ids, lesions, labels)."""
+    with open(run_dir / "splits.csv", newline="") as f:
+        saved = sorted(tuple(row.values()) for row in csv.DictReader(f))
+    current = sorted((image_id, lesion_id, dx, split) for split in SPLIT_NAMES
+                     for image_id, lesion_id, dx in zip(data.splits[split]["image_id"],
+                                                        data.splits[split]["lesion_id"], data.splits[split]["dx"]))
+    if saved != current:
+        differ = sorted(set(saved) ^ set(current))
+        raise SystemExit(f"the data in {data.source} is not split as {run_dir}/splits.csv records "
+                         f"({len(differ)} rows differ, first {differ[:3]}); continue the run on the data it "
+                         "started with")
 
 
 def analyze_only(data: LesionData, cfg: RunConfig, run_dir: Path) -> list[dict]:
@@ -333,14 +362,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = build_config(args)
     run_dir = Path(cfg.output_dir)
-    if sum((args.eval_only, args.resume, args.analyze_only)) > 1:
-        raise SystemExit("--eval-only, --analyze-only and --resume exclude each other")
+    if sum((args.eval_only, args.resume, args.analyze_only)) > 1 or (args.train_only and (args.eval_only or
+                                                                                         args.analyze_only)):
+        raise SystemExit("--eval-only, --analyze-only and --resume exclude each other, and --train-only "
+                         "goes only with a training run")
     if not (args.resume or args.eval_only or args.analyze_only) and (run_dir / "config.json").exists():
         raise SystemExit(f"{run_dir} already holds a run: pass --resume to continue it, "
                          "or choose another --output-dir")
     if args.resume or args.eval_only or args.analyze_only:
         # the saved settings are the run's; flags may repeat them but not change them
         saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())["config"])
+        saved = replace_nested(saved, output_dir=str(run_dir))  # a run folder may be moved or copied
         cfg = build_config(args, base=saved)
         if cfg != saved:
             changed = [f"{section}.{key}" for section in ("data", "model", "train")
@@ -358,6 +390,8 @@ def main(argv=None) -> int:
     data = load_lesion_data(cfg.data, seed=cfg.train.seed)
     accelerator.print(f"data: {data.source}; classes {list(data.label_names)}; "
                       + ", ".join(f"{s} {len(t)}" for s, t in data.splits.items()))
+    if args.resume or args.eval_only or args.analyze_only:
+        check_same_splits(data, run_dir)
     if args.eval_only:
         evaluate_only(data, cfg, accelerator, run_dir)
         return 0
@@ -388,12 +422,18 @@ def main(argv=None) -> int:
 
     rows = []
     for name in cfg.backbones:
-        finished = run_dir / name / METRICS_FILE
-        if args.resume and finished.is_file():
+        # the export's card is written last: a backbone killed while being scored or analysed is redone
+        finished = (run_dir / name / METRICS_FILE).is_file() and (run_dir / name / EXPORT_DIR / "README.md").is_file()
+        if args.resume and finished:
             accelerator.print(f"{name}: already finished, kept")
             rows.append(read_backbone_row(run_dir / name))
             continue
-        rows.append(train_backbone(name, data, cfg, accelerator, run_dir, args.resume))
+        rows.append(train_backbone(name, data, cfg, accelerator, run_dir, args.resume, args.train_only))
+    if args.train_only:
+        accelerator.print(f"trained {', '.join(cfg.backbones)}; score them with: python train.py --resume "
+                          f"--output-dir {run_dir}")
+        accelerator.end_training()
+        return 0
     status = 0
     if accelerator.is_main_process:
         if args.push_to_hub:

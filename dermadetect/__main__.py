@@ -2,8 +2,11 @@
 
     python -m dermadetect predict IMAGE... --model SRC [--cam-method M] [--class LABEL] [--out DIR]
         one JSON line per image: the probabilities and top class, or the readable error
-    python -m dermadetect publish runs/NAME --bundle BACKBONE
-        commit a finished run: results/NAME/, models/dermadetect-BACKBONE/, model_card.md, README results
+    python -m dermadetect publish runs/NAME [--bundle BACKBONE]
+        commit a finished run: results/NAME/ and its README results block; with --bundle, also
+        models/dermadetect-BACKBONE/ and model_card.md
+    python -m dermadetect compact-copy DATA_DIR TARGET [--quality Q]
+        the dataset with its images re-encoded as WebP, to ship it to a training machine with a size limit
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from .data import write_compact_copy
 from .explain import CAM_METHODS
 from .inference import InvalidImageError, Predictor
 from .labels import DISCLAIMER
@@ -32,9 +36,18 @@ def main(argv=None) -> int:
     predict.add_argument("--out", help="folder for the overlays (<image stem>_cam.png)")
     publish = commands.add_parser("publish", help="commit a run: results/, the bundled model, model_card.md, README")
     publish.add_argument("run_dir", help="a finished run folder (runs/NAME)")
-    publish.add_argument("--bundle", required=True, help="the backbone to bundle as the offline demo model")
+    publish.add_argument("--bundle", help="the backbone to bundle as the offline demo model (default: keep the "
+                                            "bundled model)")
     publish.add_argument("--repo", default=".", help="repository root (default: .)")
+    compact = commands.add_parser("compact-copy", help="copy an imagefolder dataset with images re-encoded as WebP")
+    compact.add_argument("data_dir", help="imagefolder folder with metadata.csv (at the top or per split)")
+    compact.add_argument("target", help="new folder")
+    compact.add_argument("--quality", type=int, default=85, help="WebP quality 0-100 (default: 85)")
     args = parser.parse_args(argv)
+    if args.command == "compact-copy":
+        images, size = write_compact_copy(Path(args.data_dir), Path(args.target), args.quality)
+        print(f"{images} images, {size / 2**20:.1f} MiB in {args.target}")
+        return 0
     if args.command == "publish":
         publish_run(Path(args.run_dir), args.bundle, Path(args.repo))
         return 0
@@ -68,13 +81,22 @@ def main(argv=None) -> int:
 RESULT_FILES = ("metrics.json", "explain_faithfulness.json", "analysis.json", "confusion_matrix.png", "roc_curves.png",
                 "training_curves.png", "gradcam_gallery.png", "reliability_diagram.png")
 BUNDLE_FILES = ("config.json", "model.safetensors", "README.md", "examples.json", OOD_FILE)
-RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def publish_run(run_dir: Path, bundle: str, repo: Path) -> None:
-    """Copy a run's results (no images of the data) into results/<run>/, its `bundle` export into
-    models/dermadetect-<bundle>/, the bundled model's card into model_card.md, and the results table into
-    README.md. Everything copied was written by train.py."""
+def results_markers(run_name: str) -> tuple[str, str]:
+    """The comments around a run's generated results block in README.md."""
+    return f"<!-- results:{run_name}:start -->", f"<!-- results:{run_name}:end -->"
+
+
+def publish_run(run_dir: Path, bundle: str | None, repo: Path) -> None:
+    """Copy a run's results (no images of the data) into results/<run>/ and its results table into README.md
+    (between the run's markers); with `bundle`, also that backbone's export into models/dermadetect-<bundle>/
+    and its card into model_card.md. Everything copied was written by train.py."""
+    readme = (repo / "README.md").read_text()
+    start_marker, end_marker = results_markers(run_dir.name)
+    if start_marker not in readme or end_marker not in readme:
+        raise SystemExit(f"README.md has no place for {run_dir.name}'s results: add the lines {start_marker} "
+                         f"and {end_marker} where the table belongs")
     results = repo / "results" / run_dir.name
     results.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "comparison.json", "comparison.md", "splits.csv", "comparison.png"):
@@ -86,17 +108,17 @@ def publish_run(run_dir: Path, bundle: str, repo: Path) -> None:
         for name in RESULT_FILES:
             if (run_dir / row["backbone"] / name).is_file():
                 shutil.copy2(run_dir / row["backbone"] / name, results / row["backbone"] / name)
+    start, end = readme.index(start_marker) + len(start_marker), readme.index(end_marker)
+    table = results_markdown(comparison, f"results/{run_dir.name}/comparison.json")
+    (repo / "README.md").write_text(readme[:start] + "\n" + table + "\n" + readme[end:])
+    if bundle is None:
+        return
     models = repo / "models" / f"dermadetect-{bundle}"
     models.mkdir(parents=True, exist_ok=True)
     for name in BUNDLE_FILES:  # examples/ stays behind: the app finds those images in DERMADETECT_DATA
         if name != OOD_FILE or (run_dir / bundle / "export" / name).is_file():
             shutil.copy2(run_dir / bundle / "export" / name, models / name)
     shutil.copy2(models / "README.md", repo / "model_card.md")
-    readme = (repo / "README.md").read_text()
-    start, end = readme.index(RESULTS_START) + len(RESULTS_START), readme.index(RESULTS_END)
-    table = results_markdown(comparison, f"results/{run_dir.name}/comparison.json")
-    (repo / "README.md").write_text(readme[:start] + "\n" + table + "\n" + readme[end:])
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -154,6 +154,31 @@ def _load_imagefolder_with_metadata(root: Path, split_dirs: dict[str, Path]) -> 
     return tables
 
 
+def write_compact_copy(source: Path, target: Path, quality: int = 85) -> tuple[int, int]:
+    """Copy an imagefolder dataset with metadata.csv to `target` with every image re-encoded as lossy WebP
+    (same size, same metadata rows, file_name pointing at the new file): a few times smaller, for shipping
+    a training set to a machine with a transfer limit. Returns (images, bytes written)."""
+    count, size = 0, 0
+    folders = [source] if (source / "metadata.csv").is_file() else list(_split_dirs(source).values())
+    for folder in folders:
+        out = target / folder.relative_to(source)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(folder / "metadata.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            name = str(Path(row["file_name"]).with_suffix(".webp"))
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            with PILImage.open(folder / row["file_name"]) as im:
+                im.convert("RGB").save(out / name, "WEBP", quality=quality, method=6)
+            row["file_name"] = name
+            count, size = count + 1, size + (out / name).stat().st_size
+        with open(out / "metadata.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return count, size
+
+
 def _load_raw_ham10000(root: Path) -> datasets.Dataset:
     """The raw HAM10000 download: HAM10000_metadata.csv and the image folders (part_1, part_2...)."""
     files = {p.stem: p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}

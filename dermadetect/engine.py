@@ -114,13 +114,24 @@ def save_checkpoint(accelerator: Accelerator, state: TrainerState, backbone_dir:
     accelerator.wait_for_everyone()
 
 
+def latest_state_dir(backbone_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder, or None."""
+    for folder in (STATE_DIR, f"{STATE_DIR}.old"):  # .old: killed between the two renames of save_checkpoint
+        if (backbone_dir / folder / TRAINER_STATE).is_file():
+            return backbone_dir / folder
+    return None
+
+
+def read_trainer_state(backbone_dir: Path) -> TrainerState | None:
+    """The saved progress alone (no model or optimizer state), or None when there is none."""
+    folder = latest_state_dir(backbone_dir)
+    return TrainerState.load(folder / TRAINER_STATE) if folder else None
+
+
 def load_checkpoint(accelerator: Accelerator, backbone_dir: Path) -> TrainerState | None:
-    """Restore the latest saved state, or None when there is none."""
-    final = backbone_dir / STATE_DIR
-    if not (final / TRAINER_STATE).is_file():
-        old = backbone_dir / f"{STATE_DIR}.old"  # killed between the two renames
-        if not (old / TRAINER_STATE).is_file():
-            return None
-        final = old
-    accelerator.load_state(str(final))
-    return TrainerState.load(final / TRAINER_STATE)
+    """Restore the latest saved state (model, optimizer, RNGs), or None when there is none."""
+    folder = latest_state_dir(backbone_dir)
+    if folder is None:
+        return None
+    accelerator.load_state(str(folder))
+    return TrainerState.load(folder / TRAINER_STATE)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import collections
 import csv
 import shutil
+import subprocess
+import sys
 
 import datasets
 import numpy as np
 import pytest
+from PIL import Image
 
-from conftest import make_imagefolder, pick_rows, read_metadata, write_metadata
+from conftest import REPO, make_imagefolder, pick_rows, read_metadata, write_metadata
 from dermadetect.config import DataConfig
 from dermadetect.data import (BadDataError, LesionLeakError, check_no_lesion_leak, lesion_grouped_split,
                               load_lesion_data)
@@ -208,3 +211,28 @@ def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_lesion_data(DataConfig(data_dir=str(tmp_path / "nope")), seed=0)
     shutil.rmtree(tmp_path)
+
+
+def test_compact_copy_keeps_rows_and_pixels_and_loads_the_same(ham224, tmp_path):
+    """`python -m dermadetect compact-copy`: WebP images of the same size and near-identical pixels, the same
+    metadata rows, and the same lesion split when loaded."""
+    source = make_imagefolder(ham224, tmp_path / "src", per_class_train=6, per_class_test=2)
+    target = tmp_path / "compact"
+    subprocess.run([sys.executable, "-m", "dermadetect", "compact-copy", str(source), str(target)], check=True,
+                   cwd=REPO, capture_output=True)
+    for split in ("train", "test"):
+        before, after = read_metadata(source / split / "metadata.csv"), read_metadata(target / split / "metadata.csv")
+        assert [{**r, "file_name": None} for r in before] == [{**r, "file_name": None} for r in after]
+        for a, b in zip(before, after):
+            with Image.open(source / split / a["file_name"]) as original, \
+                    Image.open(target / split / b["file_name"]) as copy:
+                assert copy.format == "WEBP" and copy.size == original.size
+                diff = np.abs(np.asarray(copy.convert("RGB"), float) - np.asarray(original.convert("RGB"), float))
+                assert diff.mean() < 4.0
+    sizes = [sum(f.stat().st_size for f in (root / "train").iterdir()) for root in (source, target)]
+    assert sizes[1] < 0.6 * sizes[0]  # stat() follows the source's links to the real JPEGs
+    config = dict(val_fraction=0.25)
+    a = load_lesion_data(DataConfig(data_dir=str(source), **config), seed=0)
+    b = load_lesion_data(DataConfig(data_dir=str(target), **config), seed=0)
+    for split in a.splits:
+        assert a.splits[split]["image_id"] == b.splits[split]["image_id"]

@@ -10,7 +10,7 @@ import pytest
 
 import app
 from conftest import REPO
-from dermadetect.__main__ import RESULTS_END, RESULTS_START, publish_run
+from dermadetect.__main__ import publish_run, results_markers
 from dermadetect.hub import model_card
 from dermadetect.inference import Predictor
 from dermadetect.report import read_backbone_row, results_markdown
@@ -20,17 +20,31 @@ def committed_runs():
     return sorted(p.parent for p in (REPO / "results").glob("*/comparison.json"))
 
 
-def readme_results(text: str) -> str:
-    return text[text.index(RESULTS_START) + len(RESULTS_START):text.index(RESULTS_END)].strip()
+def readme_results(text: str, run_name: str) -> str:
+    start, end = results_markers(run_name)
+    return text[text.index(start) + len(start):text.index(end)].strip()
 
 
-def test_readme_results_table_is_generated_from_committed_results():
+def test_readme_results_tables_are_generated_from_committed_results():
     runs = committed_runs()
     assert runs, "no committed study in results/"
-    run = runs[-1]
-    comparison = json.loads((run / "comparison.json").read_text())
-    expected = results_markdown(comparison, f"results/{run.name}/comparison.json")
-    assert readme_results((REPO / "README.md").read_text()) == expected
+    for run in runs:
+        comparison = json.loads((run / "comparison.json").read_text())
+        expected = results_markdown(comparison, f"results/{run.name}/comparison.json")
+        assert readme_results((REPO / "README.md").read_text(), run.name) == expected, run.name
+
+
+def bundled_run():
+    """(committed run, backbone) whose regenerated model card is the bundled model's card, else (None, backbone)."""
+    bundle = app.BUNDLED_MODEL
+    backbone = json.loads((bundle / "config.json").read_text())["architecture"]
+    card = (bundle / "README.md").read_text()
+    for run in committed_runs():
+        if (run / backbone / "metrics.json").is_file():
+            run_info = json.loads((run / "config.json").read_text())
+            if card == str(model_card(read_backbone_row(run / backbone), run_info)):
+                return run, backbone
+    return None, backbone
 
 
 def test_bundled_model_and_its_card_come_from_the_results():
@@ -38,11 +52,9 @@ def test_bundled_model_and_its_card_come_from_the_results():
     assert (bundle / "model.safetensors").stat().st_size <= 15 * 2**20
     card = (bundle / "README.md").read_text()
     assert (REPO / "model_card.md").read_text() == card
-    backbone = json.loads((bundle / "config.json").read_text())["architecture"]
-    run = next(r for r in committed_runs() if (r / backbone / "metrics.json").is_file())
-    metrics = read_backbone_row(run / backbone)
+    run, backbone = bundled_run()
+    assert run is not None, "the bundled model's card is not the card of any committed run's backbone"
     run_info = json.loads((run / "config.json").read_text())
-    assert card == str(model_card(metrics, run_info))
     assert f"`{' '.join(run_info['command'])}`" in card  # the exact command is recorded
     predictor = Predictor(str(bundle))
     assert predictor.label_names == tuple(run_info["label_names"])
@@ -53,10 +65,18 @@ def test_bundled_model_and_its_card_come_from_the_results():
 def test_publish_copies_a_run(smoke_run, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
-    (repo / "README.md").write_text(f"# x\n\n{RESULTS_START}\nold\n{RESULTS_END}\n\nafter\n")
+    start, end = results_markers(smoke_run.name)
+    (repo / "README.md").write_text("# x\n")
+    with pytest.raises(SystemExit, match=start):  # no place for the table: nothing is written
+        publish_run(smoke_run, "resnet18", repo)
+    assert not (repo / "results").exists() and not (repo / "models").exists()
+
+    (repo / "README.md").write_text(f"# x\n\n{start}\nold\n{end}\n\nafter\n")
+    publish_run(smoke_run, None, repo)  # results only: no model bundled
+    assert not (repo / "models").exists() and not (repo / "model_card.md").exists()
     publish_run(smoke_run, "resnet18", repo)
     comparison = json.loads((smoke_run / "comparison.json").read_text())
-    assert readme_results((repo / "README.md").read_text()) == results_markdown(
+    assert readme_results((repo / "README.md").read_text(), smoke_run.name) == results_markdown(
         comparison, f"results/{smoke_run.name}/comparison.json")
     assert (repo / "README.md").read_text().endswith("after\n")
     bundled = repo / "models" / "dermadetect-resnet18"
@@ -79,8 +99,7 @@ def test_bundled_model_applies_the_studied_ood_guard():
     from dermadetect.study import photo_samples
 
     bundle = app.BUNDLED_MODEL
-    backbone = json.loads((bundle / "config.json").read_text())["architecture"]
-    run = next(r for r in committed_runs() if (r / backbone / "analysis.json").is_file())
+    run, backbone = bundled_run()
     analysis = json.loads((run / backbone / "analysis.json").read_text())
     predictor = Predictor(str(bundle))
     assert predictor.ood.threshold == analysis["ood"]["threshold"]

@@ -106,10 +106,30 @@ def test_two_process_evaluation_matches_one_process(smoke_run, small_data):
                 assert double["validation"][key] == pytest.approx(value, abs=1e-5), key
 
 
-def test_killed_run_resumes_to_the_same_result(small_data, tmp_path):
-    args = ["--data-dir", str(small_data), "--backbones", "resnet18", "--epochs", "3", "--val-fraction",
-            "0.25", *SMALL_RUN]
-    run_train(*args, "--output-dir", str(tmp_path / "straight"))
+def resume_args(small_data) -> list[str]:
+    return ["--data-dir", str(small_data), "--backbones", "resnet18", "--epochs", "3", "--val-fraction", "0.25",
+            *SMALL_RUN]
+
+
+@pytest.fixture(scope="module")
+def straight_run(small_data, tmp_path_factory):
+    """The run that interrupted and split runs must reproduce."""
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    run_train(*resume_args(small_data), "--output-dir", str(out))
+    return out
+
+
+def assert_same_run(a_dir, b_dir):
+    a = json.loads((a_dir / "resnet18" / "metrics.json").read_text())
+    b = json.loads((b_dir / "resnet18" / "metrics.json").read_text())
+    assert [h["train_loss"] for h in b["history"]] == pytest.approx([h["train_loss"] for h in a["history"]])
+    assert b["best_epoch"] == a["best_epoch"]
+    for split in ("validation", "test"):
+        assert b[split] == pytest.approx(a[split])
+
+
+def test_killed_run_resumes_to_the_same_result(small_data, straight_run, tmp_path):
+    args = resume_args(small_data)
 
     interrupted = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, "--output-dir", str(interrupted)],
@@ -126,12 +146,37 @@ def test_killed_run_resumes_to_the_same_result(small_data, tmp_path):
 
     resumed = run_train(*args, "--output-dir", str(interrupted), "--resume")
     assert f"resuming after epoch {epochs_done}" in resumed.stdout
-    a = json.loads((tmp_path / "straight" / "resnet18" / "metrics.json").read_text())
-    b = json.loads((interrupted / "resnet18" / "metrics.json").read_text())
-    assert [h["train_loss"] for h in b["history"]] == pytest.approx([h["train_loss"] for h in a["history"]])
-    assert b["best_epoch"] == a["best_epoch"]
-    for split in ("validation", "test"):
-        assert b[split] == pytest.approx(a[split])
+    assert_same_run(straight_run, interrupted)
+
+
+def test_train_only_run_is_finished_elsewhere_from_best_weights_and_history(small_data, straight_run, tmp_path):
+    """Train on one machine with --train-only, bring back only best/ and the trainer state (not the optimizer
+    state), finish with --resume: the same metrics as a run done in one go."""
+    trained = tmp_path / "trained"
+    run_train(*resume_args(small_data), "--output-dir", str(trained), "--train-only")
+    assert (trained / "resnet18" / "best" / "model.safetensors").is_file()
+    assert not (trained / "resnet18" / "metrics.json").exists() and not (trained / "comparison.json").exists()
+    finished = tmp_path / "finished"
+    for name in ("config.json", "splits.csv", "resnet18/best/model.safetensors",
+                 "resnet18/state/trainer_state.json"):
+        (finished / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(trained / name, finished / name)
+    result = run_train("--output-dir", str(finished), "--resume")
+    assert "training finished (3 epochs)" in result.stdout
+    assert_same_run(straight_run, finished)
+    assert (finished / "comparison.json").is_file() and (finished / "resnet18" / "analysis.json").is_file()
+
+
+def test_resume_refuses_data_that_splits_differently(small_data, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(small_data, root, symlinks=True)
+    out = tmp_path / "run"
+    run_train("--data-dir", str(root), "--backbones", "resnet18", "--output-dir", str(out), "--train-only",
+              "--epochs", "1", "--max-steps", "1", "--val-fraction", "0.25", *SMALL_RUN)
+    rows = read_metadata(root / "train" / "metadata.csv")
+    write_metadata(root / "train" / "metadata.csv", rows[:-2])
+    result = run_train("--output-dir", str(out), "--resume", check=False)
+    assert result.returncode != 0 and "splits.csv" in result.stderr and "rows differ" in result.stderr
 
 
 def test_existing_run_is_not_overwritten(smoke_run, small_data):
