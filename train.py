@@ -24,8 +24,8 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
 
-from dermadetect.config import DEFAULT_BACKBONES, DEFAULT_HUB_DATASET, RunConfig, replace_nested
-from dermadetect.data import SPLIT_NAMES, LesionData, as_torch_dataset, build_transforms, collate, load_lesion_data
+from dermadetect.config import DEFAULT_BACKBONES, DEFAULT_HUB_DATASET, RunConfig, TrainConfig, replace_nested
+from dermadetect.data import LesionData, as_torch_dataset, build_transforms, collate, load_lesion_data
 from dermadetect.engine import (TrainerState, load_checkpoint, make_accelerator, predict, read_trainer_state,
                                 save_checkpoint, set_seed, train_one_epoch)
 from dermadetect.explain import road_faithfulness
@@ -237,17 +237,15 @@ def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run
     return row
 
 
-def training_finished(state: TrainerState, cfg) -> bool:
+def training_finished(state: TrainerState, cfg: TrainConfig) -> bool:
     return state.epoch >= cfg.epochs or bool(cfg.max_steps and state.global_step >= cfg.max_steps)
 
 
 def check_same_splits(data: LesionData, run_dir: Path) -> None:
     """A continued run must see the images it started with, split the same way (same ids, lesions, labels)."""
     with open(run_dir / "splits.csv", newline="") as f:
-        saved = sorted(tuple(row.values()) for row in csv.DictReader(f))
-    current = sorted((image_id, lesion_id, dx, split) for split in SPLIT_NAMES
-                     for image_id, lesion_id, dx in zip(data.splits[split]["image_id"],
-                                                        data.splits[split]["lesion_id"], data.splits[split]["dx"]))
+        saved = sorted(tuple(row) for row in list(csv.reader(f))[1:])
+    current = sorted(data.split_rows())
     if saved != current:
         differ = sorted(set(saved) ^ set(current))
         raise SystemExit(f"the data in {data.source} is not split as {run_dir}/splits.csv records "
@@ -362,8 +360,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = build_config(args)
     run_dir = Path(cfg.output_dir)
-    if sum((args.eval_only, args.resume, args.analyze_only)) > 1 or (args.train_only and (args.eval_only or
-                                                                                         args.analyze_only)):
+    no_training = args.eval_only or args.analyze_only
+    if sum((args.eval_only, args.resume, args.analyze_only)) > 1 or (args.train_only and no_training):
         raise SystemExit("--eval-only, --analyze-only and --resume exclude each other, and --train-only "
                          "goes only with a training run")
     if not (args.resume or args.eval_only or args.analyze_only) and (run_dir / "config.json").exists():

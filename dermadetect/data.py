@@ -68,14 +68,17 @@ class LesionData:
     def class_counts(self, split: str) -> np.ndarray:
         return np.bincount(self.labels(split), minlength=len(self.label_names))
 
+    def split_rows(self) -> list[tuple[str, str, str, str]]:
+        """(image_id, lesion_id, dx, split) of every image: the rows of splits.csv."""
+        return [(image_id, lesion_id, dx, name) for name in SPLIT_NAMES
+                for image_id, lesion_id, dx in zip(self.splits[name]["image_id"], self.splits[name]["lesion_id"],
+                                                   self.splits[name]["dx"])]
+
     def write_splits_csv(self, path: str | Path) -> None:
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["image_id", "lesion_id", "dx", "split"])
-            for name in SPLIT_NAMES:
-                ds = self.splits[name]
-                for image_id, lesion_id, dx in zip(ds["image_id"], ds["lesion_id"], ds["dx"]):
-                    writer.writerow([image_id, lesion_id, dx, name])
+            writer.writerows(self.split_rows())
 
 
 # ---------------------------------------------------------------- sources
