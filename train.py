@@ -20,8 +20,10 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from sklearn.metrics import log_loss
+from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from dermadetect.config import DEFAULT_BACKBONES, DEFAULT_HUB_DATASET, RunConfig, TrainConfig, replace_nested
@@ -60,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--max-train-samples", type=int)
     src.add_argument("--max-eval-samples", type=int, help="cap validation and test (small runs only)")
     src.add_argument("--image-size", type=int, help="square input size (default: the backbone's own)")
-    src.add_argument("--num-workers", type=int)
+    src.add_argument("--num-workers", type=int, help="data loader processes (may differ on --resume)")
     mdl = p.add_argument_group("models")
     mdl.add_argument("--backbones", nargs="+", help=f"timm model names (default: {' '.join(DEFAULT_BACKBONES)})")
     mdl.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None,
@@ -77,6 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     trn.add_argument("--label-smoothing", type=float)
     trn.add_argument("--class-weighting", choices=["none", "balanced", "sqrt"],
                      help="loss weights: inverse class frequency (balanced) or its square root (sqrt)")
+    trn.add_argument("--mixup", type=float, help="mixup alpha (0: off)")
+    trn.add_argument("--cutmix", type=float, help="cutmix alpha (0: off); with --mixup each batch uses one")
+    trn.add_argument("--ema-decay", type=float,
+                     help="keep an exponential moving average of the weights and validate/score it (0: off)")
+    trn.add_argument("--layer-decay", type=float, help="lr multiplier per layer group below the head")
     trn.add_argument("--gradient-accumulation-steps", type=int)
     trn.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
     trn.add_argument("--max-steps", type=int, help="stop each backbone after this many optimizer steps")
@@ -128,11 +135,24 @@ def make_loaders(data: LesionData, train_tf, eval_tf, cfg: RunConfig) -> dict[st
     loaders = {}
     for split in ("train", "validation", "test"):
         dataset = as_torch_dataset(data.splits[split], data.label_names, train_tf if split == "train" else eval_tf)
+        # mixing pairs each image with another of its batch (timm's Mixup needs an even batch): drop the odd tail
         loaders[split] = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=(split == "train"),
-                                    num_workers=cfg.data.num_workers, collate_fn=collate)
+                                    num_workers=cfg.data.num_workers, collate_fn=collate,
+                                    drop_last=split == "train" and mixing(cfg.train))
         # workers are not persistent: each epoch's workers are seeded from the (checkpointed) main RNG,
         # which is what lets --resume repeat the augmentations exactly
     return loaders
+
+
+def mixing(cfg: TrainConfig) -> bool:
+    return cfg.mixup > 0 or cfg.cutmix > 0
+
+
+def make_mixup(cfg: TrainConfig, num_classes: int) -> Mixup | None:
+    """timm's batch mixup/cutmix; label smoothing stays with the loss, which applies it to the soft targets."""
+    if not mixing(cfg):
+        return None
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=0.0, num_classes=num_classes)
 
 
 def make_loss(data: LesionData, cfg: RunConfig) -> torch.nn.Module:
@@ -176,10 +196,18 @@ def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run
     loaders = make_loaders(data, train_tf, eval_tf, cfg)
     # timm's factory: AdamW with no weight decay on norm layers and biases
     optimizer = create_optimizer_v2(model, opt=cfg.train.optimizer, lr=cfg.train.lr,
-                                    weight_decay=cfg.train.weight_decay, filter_bias_and_bn=True)
+                                    weight_decay=cfg.train.weight_decay, filter_bias_and_bn=True,
+                                    layer_decay=cfg.train.layer_decay)
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         model, optimizer, loaders["train"], loaders["validation"], loaders["test"])
     loss_fn = make_loss(data, cfg).to(accelerator.device)
+    mix = make_mixup(cfg.train, len(data.label_names))
+    ema = None
+    if cfg.train.ema_decay:
+        # warm-up: the average starts short and lengthens to 1 / (1 - ema_decay) steps, so it suits short runs
+        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.train.ema_decay, use_warmup=True)
+        accelerator.register_for_checkpointing(ema)
+    eval_model = ema.module if ema is not None else model
     updates_per_epoch = math.ceil(len(train_loader) / cfg.train.gradient_accumulation_steps)
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.train.scheduler, num_epochs=cfg.train.epochs,
                                        warmup_epochs=cfg.train.warmup_epochs, min_lr=cfg.train.min_lr,
@@ -198,8 +226,8 @@ def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run
             break
         train_loader.set_epoch(epoch)
         stats = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, accelerator, state,
-                                cfg.train.max_steps)
-        val, _, _ = evaluate_split(model, val_loader, accelerator, data, "validation")
+                                cfg.train.max_steps, mix, ema)
+        val, _, _ = evaluate_split(eval_model, val_loader, accelerator, data, "validation")
         state.epoch = epoch + 1
         state.train_seconds += stats["train_seconds"]
         state.train_images += stats["train_images"]
@@ -208,7 +236,7 @@ def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run
                               "val_balanced_accuracy": val["balanced_accuracy"]})
         if val["balanced_accuracy"] > state.best_metric:
             state.best_metric, state.best_epoch = val["balanced_accuracy"], state.epoch
-            accelerator.save_model(model, out / BEST_DIR, safe_serialization=True)
+            accelerator.save_model(eval_model, out / BEST_DIR, safe_serialization=True)
         accelerator.print(f"{name} epoch {state.epoch}/{cfg.train.epochs}: loss {stats['train_loss']:.4f} "
                           f"val bal-acc {val['balanced_accuracy']:.4f} acc {val['accuracy']:.4f} "
                           f"({stats['train_images'] / stats['train_seconds']:.1f} img/s)")
@@ -371,6 +399,10 @@ def main(argv=None) -> int:
         # the saved settings are the run's; flags may repeat them but not change them
         saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())["config"])
         saved = replace_nested(saved, output_dir=str(run_dir))  # a run folder may be moved or copied
+        if args.num_workers is not None:
+            # a property of the machine, not of the run: a run trained on a 16-core GPU machine is scored on
+            # 2 cores. (Training continued with another count draws other augmentations than it would have.)
+            saved = replace_nested(saved, data={"num_workers": args.num_workers})
         cfg = build_config(args, base=saved)
         if cfg != saved:
             changed = [f"{section}.{key}" for section in ("data", "model", "train")

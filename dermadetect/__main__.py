@@ -5,6 +5,8 @@
     python -m dermadetect publish runs/NAME [--bundle BACKBONE]
         commit a finished run: results/NAME/ and its README results block; with --bundle, also
         models/dermadetect-BACKBONE/ and model_card.md
+    python -m dermadetect sweep-table results/NAME [--reference RUN]
+        README's table (block NAME) of a committed sweep: one folder per run, config.json + trainer_state.json
     python -m dermadetect compact-copy DATA_DIR TARGET [--quality Q]
         the dataset with its images re-encoded as WebP, to ship it to a training machine with a size limit
 """
@@ -22,7 +24,7 @@ from .explain import CAM_METHODS
 from .inference import InvalidImageError, Predictor
 from .labels import DISCLAIMER
 from .posthoc import OOD_FILE
-from .report import results_markdown
+from .report import results_markdown, sweep_markdown
 
 
 def main(argv=None) -> int:
@@ -39,6 +41,10 @@ def main(argv=None) -> int:
     publish.add_argument("--bundle", help="the backbone to bundle as the offline demo model (default: keep the "
                                             "bundled model)")
     publish.add_argument("--repo", default=".", help="repository root (default: .)")
+    sweep = commands.add_parser("sweep-table", help="README's table of a committed settings sweep")
+    sweep.add_argument("folder", help="results/NAME: one folder per run with config.json and trainer_state.json")
+    sweep.add_argument("--reference", default="base", help="the run the others are compared with (default: base)")
+    sweep.add_argument("--repo", default=".", help="repository root (default: .)")
     compact = commands.add_parser("compact-copy", help="copy an imagefolder dataset with images re-encoded as WebP")
     compact.add_argument("data_dir", help="imagefolder folder with metadata.csv (at the top or per split)")
     compact.add_argument("target", help="new folder")
@@ -47,6 +53,9 @@ def main(argv=None) -> int:
     if args.command == "compact-copy":
         images, size = write_compact_copy(Path(args.data_dir), Path(args.target), args.quality)
         print(f"{images} images, {size / 2**20:.1f} MiB in {args.target}")
+        return 0
+    if args.command == "sweep-table":
+        write_readme_block(Path(args.repo), Path(args.folder).name, sweep_markdown(Path(args.folder), args.reference))
         return 0
     if args.command == "publish":
         publish_run(Path(args.run_dir), args.bundle, Path(args.repo))
@@ -88,15 +97,28 @@ def results_markers(run_name: str) -> tuple[str, str]:
     return f"<!-- results:{run_name}:start -->", f"<!-- results:{run_name}:end -->"
 
 
+def check_readme_block(repo: Path, name: str) -> None:
+    start, end = results_markers(name)
+    readme = (repo / "README.md").read_text()
+    if start not in readme or end not in readme:
+        raise SystemExit(f"README.md has no place for {name}'s results: add the lines {start} and {end} where "
+                         "the table belongs")
+
+
+def write_readme_block(repo: Path, name: str, text: str) -> None:
+    """Replace what README.md holds between `name`'s results markers."""
+    check_readme_block(repo, name)
+    start_marker, end_marker = results_markers(name)
+    readme = (repo / "README.md").read_text()
+    start, end = readme.index(start_marker) + len(start_marker), readme.index(end_marker)
+    (repo / "README.md").write_text(readme[:start] + "\n" + text + "\n" + readme[end:])
+
+
 def publish_run(run_dir: Path, bundle: str | None, repo: Path) -> None:
     """Copy a run's results (no images of the data) into results/<run>/ and its results table into README.md
     (between the run's markers); with `bundle`, also that backbone's export into models/dermadetect-<bundle>/
     and its card into model_card.md. Everything copied was written by train.py."""
-    readme = (repo / "README.md").read_text()
-    start_marker, end_marker = results_markers(run_dir.name)
-    if start_marker not in readme or end_marker not in readme:
-        raise SystemExit(f"README.md has no place for {run_dir.name}'s results: add the lines {start_marker} "
-                         f"and {end_marker} where the table belongs")
+    check_readme_block(repo, run_dir.name)
     results = repo / "results" / run_dir.name
     results.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "comparison.json", "comparison.md", "splits.csv", "comparison.png"):
@@ -108,9 +130,7 @@ def publish_run(run_dir: Path, bundle: str | None, repo: Path) -> None:
         for name in RESULT_FILES:
             if (run_dir / row["backbone"] / name).is_file():
                 shutil.copy2(run_dir / row["backbone"] / name, results / row["backbone"] / name)
-    start, end = readme.index(start_marker) + len(start_marker), readme.index(end_marker)
-    table = results_markdown(comparison, f"results/{run_dir.name}/comparison.json")
-    (repo / "README.md").write_text(readme[:start] + "\n" + table + "\n" + readme[end:])
+    write_readme_block(repo, run_dir.name, results_markdown(comparison, f"results/{run_dir.name}/comparison.json"))
     if bundle is None:
         return
     models = repo / "models" / f"dermadetect-{bundle}"

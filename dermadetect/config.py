@@ -52,6 +52,11 @@ class TrainConfig:
     warmup_epochs: int = 1
     min_lr: float = 1e-6
     label_smoothing: float = 0.0
+    mixup: float = 0.0                   # mixup alpha (Zhang et al. 2018); 0: off
+    cutmix: float = 0.0                  # cutmix alpha (Yun et al. 2019); with mixup, each batch uses one of the two
+    ema_decay: float = 0.0               # exponential moving average of the weights; 0: off. When on, validation,
+                                         # best/ and every score use the averaged weights
+    layer_decay: float | None = None     # lr x layer_decay per layer group below the head (timm); None: one lr
     class_weighting: str = "none"        # "none", "balanced" (inverse class frequency) or "sqrt" (its root)
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"          # "no", "fp16", "bf16"

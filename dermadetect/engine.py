@@ -51,9 +51,10 @@ class TrainerState:
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator: Accelerator,
-                    state: TrainerState, max_steps: int | None) -> dict[str, float]:
+                    state: TrainerState, max_steps: int | None, mix=None, ema=None) -> dict[str, float]:
     """One pass over the training loader; returns mean loss, images seen and seconds on this process's
-    view, with the loss averaged across processes."""
+    view, with the loss averaged across processes. `mix` (timm Mixup) turns each batch into mixed images with
+    soft targets; `ema` (timm ModelEmaV3) is updated after every optimizer step."""
     model.train()
     total_loss = torch.zeros((), device=accelerator.device)
     batches, images = 0, 0
@@ -61,24 +62,33 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator: A
     bar = tqdm(loader, desc=f"epoch {state.epoch + 1}", leave=False, disable=not accelerator.is_main_process)
     for inputs, targets in bar:
         with accelerator.accumulate(model):
-            loss = loss_fn(model(inputs), targets)
+            # Mixup returns soft targets; CrossEntropyLoss takes them with the same class weights
+            inputs, soft_targets = mix(inputs, targets) if mix else (inputs, targets)
+            loss = loss_fn(model(inputs), soft_targets)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad()
         if accelerator.sync_gradients:
             state.global_step += 1
             scheduler.step_update(num_updates=state.global_step)
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model), step=state.global_step)
         total_loss += loss.detach()
         batches += 1
         images += targets.numel()
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{max_lr(optimizer):.2e}")
         if max_steps and state.global_step >= max_steps:
             break
     seconds = time.perf_counter() - start
     mean_loss = accelerator.reduce(total_loss / max(batches, 1), reduction="mean").item()
     all_images = int(accelerator.reduce(torch.tensor(images, device=accelerator.device), reduction="sum"))
     return {"train_loss": mean_loss, "train_images": all_images, "train_seconds": seconds,
-            "lr": optimizer.param_groups[0]["lr"]}
+            "lr": max_lr(optimizer)}
+
+
+def max_lr(optimizer) -> float:
+    """The head's learning rate: with layer decay the groups below it get less."""
+    return max(group["lr"] for group in optimizer.param_groups)
 
 
 @torch.inference_mode()

@@ -180,6 +180,42 @@ def results_markdown(comparison: dict, source: str) -> str:
     return "\n".join(lines)
 
 
+SWEEP_IGNORED = {"output_dir", "backbones", "num_workers", "seed"}  # not what a sweep compares
+
+
+def _flat_settings(config: dict) -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key in ("data", "model", "train"):
+            flat.update({k: v for k, v in value.items() if k not in SWEEP_IGNORED})
+        elif key not in SWEEP_IGNORED:
+            flat[key] = value
+    return flat
+
+
+def sweep_markdown(folder: Path, reference: str = "base", backbone: str = "efficientnet_lite0") -> str:
+    """A table of training runs that differ from `reference` in a setting or the seed: each run folder holds
+    the run's config.json and the backbone's trainer_state.json (validation balanced accuracy per epoch)."""
+    runs = {}
+    for run in sorted(p for p in Path(folder).iterdir() if (p / "trainer_state.json").is_file()):
+        config = json.loads((run / "config.json").read_text())["config"]
+        runs[run.name] = (config, json.loads((run / "trainer_state.json").read_text()))
+    base = _flat_settings(runs[reference][0])
+    lines = [f"From `{folder}/*/{{config.json,trainer_state.json}}` ({backbone}; validation balanced accuracy "
+             "after each epoch, best in bold).", "",
+             "| Run | Differs from `" + reference + "` | Seed | Validation bal. acc by epoch | Best (epoch) |",
+             "|---|---|---|---|---|"]
+    for name, (config, state) in runs.items():
+        changes = {k: v for k, v in _flat_settings(config).items() if base.get(k) != v}
+        differs = ", ".join(f"{k}={v}" for k, v in sorted(changes.items())) or "-"
+        curve = [h["val_balanced_accuracy"] for h in state["history"]]
+        epochs = " ".join(f"**{v:.3f}**" if i + 1 == state["best_epoch"] else f"{v:.3f}"
+                          for i, v in enumerate(curve))
+        lines.append(f"| {name} | {differs} | {config['train']['seed']} | {epochs} | "
+                     f"{state['best_metric']:.3f} ({state['best_epoch']}) |")
+    return "\n".join(lines)
+
+
 def read_backbone_row(folder: Path) -> dict:
     """A finished backbone's metrics.json, with its analysis.json (if analysed) under "analysis"."""
     row = json.loads((Path(folder) / "metrics.json").read_text())

@@ -4,6 +4,7 @@ that train.py wrote (results/), and `python -m dermadetect publish` puts them th
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -13,11 +14,15 @@ from conftest import REPO
 from dermadetect.__main__ import publish_run, results_markers
 from dermadetect.hub import model_card
 from dermadetect.inference import Predictor
-from dermadetect.report import read_backbone_row, results_markdown
+from dermadetect.report import read_backbone_row, results_markdown, sweep_markdown
 
 
 def committed_runs():
     return sorted(p.parent for p in (REPO / "results").glob("*/comparison.json"))
+
+
+def committed_sweeps():
+    return sorted({p.parent.parent for p in (REPO / "results").glob("*/*/trainer_state.json")})
 
 
 def readme_results(text: str, run_name: str) -> str:
@@ -32,6 +37,21 @@ def test_readme_results_tables_are_generated_from_committed_results():
         comparison = json.loads((run / "comparison.json").read_text())
         expected = results_markdown(comparison, f"results/{run.name}/comparison.json")
         assert readme_results((REPO / "README.md").read_text(), run.name) == expected, run.name
+
+
+def test_readme_sweep_tables_are_generated_from_committed_trainer_states(monkeypatch):
+    monkeypatch.chdir(REPO)  # the tables name their folders relative to the repository, as the command does
+    sweeps = committed_sweeps()
+    assert {s.name for s in sweeps} >= {"class-weighting-pilot", "lite0-recipe-sweep"}
+    for sweep in sweeps:
+        block = readme_results((REPO / "README.md").read_text(), sweep.name)
+        reference = re.search(r"Differs from `([^`]+)`", block).group(1)
+        assert block == sweep_markdown(sweep.relative_to(REPO), reference), sweep.name
+        best = {run.name: json.loads((run / "trainer_state.json").read_text())["best_metric"]
+                for run in sweep.iterdir()}
+        # an independent reading of one row: the run's best validation score and epoch, as the file holds them
+        name, value = max(best.items(), key=lambda kv: kv[1])
+        assert re.search(rf"\| {re.escape(name)} \|.*\| {value:.3f} \(\d+\) \|", block), name
 
 
 def bundled_run():

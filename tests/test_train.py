@@ -13,7 +13,9 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from conftest import REPO, SMALL_RUN, read_metadata, run_train, write_metadata
 from dermadetect.config import DEFAULT_BACKBONES
@@ -128,25 +130,62 @@ def assert_same_run(a_dir, b_dir):
         assert b[split] == pytest.approx(a[split])
 
 
-def test_killed_run_resumes_to_the_same_result(small_data, straight_run, tmp_path):
-    args = resume_args(small_data)
-
-    interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, "--output-dir", str(interrupted)],
+def kill_after_first_checkpoint_and_resume(args: list[str], out) -> None:
+    """Start train.py, SIGKILL it as soon as its first epoch checkpoint exists, then --resume it to the end."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, "--output-dir", str(out)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = interrupted / "resnet18" / "state" / "trainer_state.json"
+    marker = out / "resnet18" / "state" / "trainer_state.json"
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be interrupted"
-    assert not (interrupted / "resnet18" / "metrics.json").exists()
+    assert not (out / "resnet18" / "metrics.json").exists()
     epochs_done = json.loads(marker.read_text())["epoch"]
     assert 1 <= epochs_done < 3
 
-    resumed = run_train(*args, "--output-dir", str(interrupted), "--resume")
+    resumed = run_train(*args, "--output-dir", str(out), "--resume")
     assert f"resuming after epoch {epochs_done}" in resumed.stdout
-    assert_same_run(straight_run, interrupted)
+
+
+def test_killed_run_resumes_to_the_same_result(small_data, straight_run, tmp_path):
+    kill_after_first_checkpoint_and_resume(resume_args(small_data), tmp_path / "interrupted")
+    assert_same_run(straight_run, tmp_path / "interrupted")
+
+
+def test_killed_run_with_mixup_ema_and_layer_decay_resumes_exactly(small_data, tmp_path):
+    """The weight average and the mixing draws are part of the checkpoint: an interrupted run ends where a
+    straight one does."""
+    args = [*resume_args(small_data), "--mixup", "0.4", "--cutmix", "1.0", "--ema-decay", "0.9",
+            "--layer-decay", "0.7", "--train-only"]
+    run_train(*args, "--output-dir", str(tmp_path / "straight"))
+    kill_after_first_checkpoint_and_resume(args, tmp_path / "interrupted")
+    states = [json.loads((tmp_path / run / "resnet18" / "state" / "trainer_state.json").read_text())
+              for run in ("straight", "interrupted")]
+    for key in ("train_loss", "val_loss", "val_balanced_accuracy"):
+        assert [h[key] for h in states[1]["history"]] == pytest.approx([h[key] for h in states[0]["history"]])
+    best = [load_file(tmp_path / run / "resnet18" / "best" / "model.safetensors") for run in ("straight", "interrupted")]
+    for name, tensor in best[0].items():
+        torch.testing.assert_close(best[1][name], tensor)
+
+
+def test_ema_run_validates_and_keeps_the_averaged_weights(small_data, tmp_path):
+    out = tmp_path / "run"
+    run_train("--data-dir", str(small_data), "--backbones", "resnet18", "--output-dir", str(out), "--train-only",
+              "--epochs", "1", "--val-fraction", "0.25", "--ema-decay", "0.9", "--mixup", "0.2", *SMALL_RUN)
+    folder = out / "resnet18"
+    best = load_file(folder / "best" / "model.safetensors")
+    trained = load_file(folder / "state" / "model.safetensors")
+    average = torch.load(folder / "state" / "custom_checkpoint_0.pkl", weights_only=True)
+    # one epoch: the best checkpoint is the last one, so it is the average timm's ModelEmaV3 kept, not the weights
+    # the optimizer left
+    for name, tensor in best.items():
+        torch.testing.assert_close(tensor, average[f"module.{name}"])
+    assert any(not torch.equal(best[name], trained[name]) for name in best if name.endswith("weight"))
+    # mixing pairs images within a batch: the odd tail of the epoch is dropped, every batch is full
+    history = json.loads((folder / "state" / "trainer_state.json").read_text())["history"]
+    train_rows = sum(row["split"] == "train" for row in read_metadata(out / "splits.csv"))
+    assert train_rows % 16 and history[0]["train_images"] == train_rows // 16 * 16
 
 
 def test_train_only_run_is_finished_elsewhere_from_best_weights_and_history(small_data, straight_run, tmp_path):
@@ -161,7 +200,8 @@ def test_train_only_run_is_finished_elsewhere_from_best_weights_and_history(smal
                  "resnet18/state/trainer_state.json"):
         (finished / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(trained / name, finished / name)
-    result = run_train("--output-dir", str(finished), "--resume")
+    # the finishing machine has its own core count: the loader processes may differ from the training run's
+    result = run_train("--output-dir", str(finished), "--resume", "--num-workers", "1")
     assert "training finished (3 epochs)" in result.stdout
     assert_same_run(straight_run, finished)
     assert (finished / "comparison.json").is_file() and (finished / "resnet18" / "analysis.json").is_file()
