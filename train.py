@@ -389,13 +389,14 @@ def main(argv=None) -> int:
     cfg = build_config(args)
     run_dir = Path(cfg.output_dir)
     no_training = args.eval_only or args.analyze_only
+    existing_run = args.resume or no_training
     if sum((args.eval_only, args.resume, args.analyze_only)) > 1 or (args.train_only and no_training):
         raise SystemExit("--eval-only, --analyze-only and --resume exclude each other, and --train-only "
                          "goes only with a training run")
-    if not (args.resume or args.eval_only or args.analyze_only) and (run_dir / "config.json").exists():
+    if not existing_run and (run_dir / "config.json").exists():
         raise SystemExit(f"{run_dir} already holds a run: pass --resume to continue it, "
                          "or choose another --output-dir")
-    if args.resume or args.eval_only or args.analyze_only:
+    if existing_run:
         # the saved settings are the run's; flags may repeat them but not change them
         saved = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())["config"])
         saved = replace_nested(saved, output_dir=str(run_dir))  # a run folder may be moved or copied
@@ -420,7 +421,7 @@ def main(argv=None) -> int:
     data = load_lesion_data(cfg.data, seed=cfg.train.seed)
     accelerator.print(f"data: {data.source}; classes {list(data.label_names)}; "
                       + ", ".join(f"{s} {len(t)}" for s, t in data.splits.items()))
-    if args.resume or args.eval_only or args.analyze_only:
+    if existing_run:
         check_same_splits(data, run_dir)
     if args.eval_only:
         evaluate_only(data, cfg, accelerator, run_dir)

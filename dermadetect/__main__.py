@@ -97,20 +97,19 @@ def results_markers(run_name: str) -> tuple[str, str]:
     return f"<!-- results:{run_name}:start -->", f"<!-- results:{run_name}:end -->"
 
 
-def check_readme_block(repo: Path, name: str) -> None:
+def readme_block_span(readme: str, name: str) -> tuple[int, int]:
+    """Where `name`'s generated block lies in README.md's text, between its markers."""
     start, end = results_markers(name)
-    readme = (repo / "README.md").read_text()
     if start not in readme or end not in readme:
         raise SystemExit(f"README.md has no place for {name}'s results: add the lines {start} and {end} where "
                          "the table belongs")
+    return readme.index(start) + len(start), readme.index(end)
 
 
 def write_readme_block(repo: Path, name: str, text: str) -> None:
     """Replace what README.md holds between `name`'s results markers."""
-    check_readme_block(repo, name)
-    start_marker, end_marker = results_markers(name)
     readme = (repo / "README.md").read_text()
-    start, end = readme.index(start_marker) + len(start_marker), readme.index(end_marker)
+    start, end = readme_block_span(readme, name)
     (repo / "README.md").write_text(readme[:start] + "\n" + text + "\n" + readme[end:])
 
 
@@ -118,7 +117,7 @@ def publish_run(run_dir: Path, bundle: str | None, repo: Path) -> None:
     """Copy a run's results (no images of the data) into results/<run>/ and its results table into README.md
     (between the run's markers); with `bundle`, also that backbone's export into models/dermadetect-<bundle>/
     and its card into model_card.md. Everything copied was written by train.py."""
-    check_readme_block(repo, run_dir.name)
+    readme_block_span((repo / "README.md").read_text(), run_dir.name)  # fail before anything is copied
     results = repo / "results" / run_dir.name
     results.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "comparison.json", "comparison.md", "splits.csv", "comparison.png"):

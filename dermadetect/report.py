@@ -180,17 +180,13 @@ def results_markdown(comparison: dict, source: str) -> str:
     return "\n".join(lines)
 
 
-SWEEP_IGNORED = {"output_dir", "backbones", "num_workers", "seed"}  # not what a sweep compares
+SWEEP_IGNORED = {"num_workers", "seed"}  # the machine's, and a column of its own
 
 
 def _flat_settings(config: dict) -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and key in ("data", "model", "train"):
-            flat.update({k: v for k, v in value.items() if k not in SWEEP_IGNORED})
-        elif key not in SWEEP_IGNORED:
-            flat[key] = value
-    return flat
+    """The data, model and training settings of a saved run config, in one dict."""
+    return {k: v for section in ("data", "model", "train") for k, v in config[section].items()
+            if k not in SWEEP_IGNORED}
 
 
 def sweep_markdown(folder: Path, reference: str = "base", backbone: str = "efficientnet_lite0") -> str:
