@@ -102,7 +102,7 @@ def find_examples(predictor: Predictor) -> list[list[str]]:
 def summary_line(result: Prediction, label_names) -> str:
     """Plain words, never a diagnosis: where the probability mass sits, and whether to trust it."""
     probabilities = result.probabilities
-    top = max(probabilities, key=probabilities.get)
+    call, top = result.top_label, max(probabilities, key=probabilities.get)
     malignant = sum(p for name, p in probabilities.items() if name in MALIGNANT)
     entropy = -sum(p * math.log(p) for p in probabilities.values() if p > 0) / math.log(len(label_names))
     text = ""
@@ -110,8 +110,12 @@ def summary_line(result: Prediction, label_names) -> str:
         text += ("⚠️ **This does not look like a dermoscopy image** (it is far from every image the model was "
                  "trained on). The scores below are meaningless for it: upload a dermatoscope photo of one "
                  "lesion.\n\n")
-    text += (f"The model's highest score is **{readable_name(top)}** ({probabilities[top]:.0%}). "
-             f"{malignant:.0%} of the probability falls on classes that include skin cancers "
+    text += f"The model's call is **{readable_name(call)}** ({probabilities[call]:.0%}). "
+    if call != top:
+        text += (f"Its highest probability is {readable_name(top)} ({probabilities[top]:.0%}): the call weighs the "
+                 "rarer classes up, by as much as recognised all seven classes most evenly on validation data "
+                 "(balanced accuracy). ")
+    text += (f"{malignant:.0%} of the probability falls on classes that include skin cancers "
              f"({', '.join(n for n in label_names if n in MALIGNANT)}). This is not a diagnosis.")
     if result.melanoma_flag and not result.out_of_distribution:
         text += ("\n\n🔎 **Melanoma score above the study's screening threshold** (chosen on validation data to catch "
@@ -189,7 +193,10 @@ def build_demo(predictor: Predictor, notice: str = "") -> gr.Blocks:
                     gr.Examples(examples, inputs=[image], label="Examples (ISIC 2018 test images)")
             with gr.Column(scale=2):
                 with gr.Row():
-                    chart = gr.Label(num_top_classes=len(labels), label="Class probabilities", elem_id="labels")
+                    # no heading: the chart shows probabilities, and the model's call (which may weigh rare
+                    # classes up) is stated in the summary
+                    chart = gr.Label(num_top_classes=len(labels), label="Class probabilities", show_heading=False,
+                                     elem_id="labels")
                     overlay = gr.Image(type="filepath", label="Where the model looked (CAM)",
                                        interactive=False, elem_id="overlay")
                 summary = gr.Markdown(label="Summary", elem_id="summary")

@@ -88,7 +88,9 @@ def main(argv=None) -> int:
 
 
 RESULT_FILES = ("metrics.json", "explain_faithfulness.json", "analysis.json", "confusion_matrix.png", "roc_curves.png",
-                "training_curves.png", "gradcam_gallery.png", "reliability_diagram.png")
+                "training_curves.png", "gradcam_gallery.png", "reliability_diagram.png",
+                # per image (ids, labels, calibrated probabilities, decision): every analysed number can be redone
+                "predictions_calibrated_validation.csv", "predictions_calibrated_test.csv")
 BUNDLE_FILES = ("config.json", "model.safetensors", "README.md", "examples.json", OOD_FILE)
 
 

@@ -31,7 +31,8 @@ DEFAULT_METHOD = "gradcam"
 @dataclass(frozen=True)
 class Explanation:
     probabilities: np.ndarray   # (num_classes,), sums to 1 (averaged over the test-time views, if any)
-    class_index: int            # the class the CAM explains
+    decision: int               # the class called: argmax of the logits plus the model's offsets (if any)
+    class_index: int            # the class the CAM explains (default: the decision)
     cam: np.ndarray             # (H, W) in [0, 1], at the model's input resolution
     pre_logits: np.ndarray      # (D,) penultimate features of the original view (for the OOD score)
 
@@ -41,13 +42,16 @@ class CamExplainer:
     per-call state (no hooks; every call has its own leaf tensor).
 
     With `views` > 1 the probabilities average the logits of the dihedral views (test-time augmentation),
-    computed in the same batched pass; the CAM explains the original view."""
+    computed in the same batched pass; the CAM explains the original view. `logit_offsets` (one per class,
+    added to the temperature-scaled logits) move the decision, not the probabilities."""
 
-    def __init__(self, model: torch.nn.Module, architecture: str, temperature: float = 1.0, views: int = 1):
+    def __init__(self, model: torch.nn.Module, architecture: str, temperature: float = 1.0, views: int = 1,
+                 logit_offsets: np.ndarray | None = None):
         self.model = model.eval().requires_grad_(False)
         self.layer = target_layer(model, architecture)
         self.temperature = temperature
         self.views = views
+        self.logit_offsets = logit_offsets
         # pytorch-grad-cam objects used for their CAM arithmetic only: their hooks are removed at once
         self._cams = {}
         for name, cls in CAM_METHODS.items():
@@ -64,8 +68,10 @@ class CamExplainer:
             all_features = self.model.forward_features(dihedral_batch(pixels, self.views))
             view_logits = self.model.forward_head(all_features).float()
             pre_logits = self.model.forward_head(all_features[:1], pre_logits=True).float()[0].numpy()
-        probs = (view_logits.mean(dim=0) / self.temperature).softmax(dim=0).numpy()
-        index = int(probs.argmax()) if class_index is None else int(class_index)
+        scaled = view_logits.mean(dim=0) / self.temperature
+        probs = scaled.softmax(dim=0).numpy()
+        decision = int(np.argmax(scaled.double().numpy() + (0.0 if self.logit_offsets is None else self.logit_offsets)))
+        index = decision if class_index is None else int(class_index)
         if not 0 <= index < view_logits.shape[1]:
             raise ValueError(f"class index {index} out of range 0..{view_logits.shape[1] - 1}")
         features = all_features[:1].detach().requires_grad_(cam_obj.uses_gradients)
@@ -81,7 +87,7 @@ class CamExplainer:
         height, width = pixels.shape[-2:]
         scaled = scale_cam_image(np.maximum(cam, 0), (width, height))
         cam = cam_obj.aggregate_multi_layers([scaled[:, None, :]])[0]
-        return Explanation(probabilities=probs, class_index=index, cam=cam, pre_logits=pre_logits)
+        return Explanation(probabilities=probs, decision=decision, class_index=index, cam=cam, pre_logits=pre_logits)
 
 
 def crop_box(image_size: tuple[int, int], data_config: dict) -> tuple[float, float, float, float]:

@@ -258,8 +258,16 @@ def analysis_section(analysis: dict | None) -> str:
         f"{g['melanomas']} | {_num(g['melanoma_sensitivity'])} |"
         for column, entries in analysis["subgroups"].items() for g in entries)
     tta = analysis["tta"]
+    decision = analysis.get("decision")  # absent in runs analysed before the decision rule existed: argmax
+    decision_line = "- Decision: the most probable class (argmax)." if decision is None else f"""- Decision: the class
+  with the highest log P(class) - {decision['strength']:g} * log(its share of the training images), which weighs the
+  rarer classes up; the strength was chosen on validation balanced accuracy
+  (s {"; ".join(f"{s}: {v:.3f}" for s, v in decision['validation_balanced_accuracy'].items())}). On test, plain
+  argmax -> this decision: balanced accuracy {_num(decision['test_argmax']['balanced_accuracy'])} -> {_num(analysis['test_final']['balanced_accuracy'])},
+  accuracy {_num(decision['test_argmax']['accuracy'])} -> {_num(analysis['test_final']['accuracy'])}, macro F1 {_num(decision['test_argmax']['f1_macro'])} -> {_num(analysis['test_final']['f1_macro'])}
+  (more of the common class is called something else). The probabilities themselves are unchanged."""
     return f"""
-## Calibrated, with a melanoma operating point and an out-of-distribution guard
+## Calibrated, with a class-balanced decision, a melanoma operating point and an out-of-distribution guard
 Fitted after training on the validation split only; the test split was scored once. `config.json` carries them
 under `dermadetect`, and DermaDetect's `Predictor` applies them.
 - Test-time augmentation ({tta['views']} views: {tta['transforms']}): {"used" if tta['used'] else "not used"}
@@ -268,6 +276,7 @@ under `dermadetect`, and DermaDetect's `Predictor` applies them.
   without, {_num(tta['test_with']['balanced_accuracy'])} with.
 - Temperature scaling: T = {analysis['temperature']:.3f}. Test expected calibration error (15 bins)
   {cal['before']['ece']:.3f} before, {cal['after']['ece']:.3f} after; NLL {cal['before']['nll']:.3f} -> {cal['after']['nll']:.3f}.
+{decision_line}
 - Melanoma operating point: flag when P(melanoma) >= {mel['threshold']:.3f}, the threshold that gives
   sensitivity >= {mel['target_sensitivity']} on validation ({_num(mel['validation']['sensitivity'])}). On test: sensitivity
   {_num(mel['test']['sensitivity'])}, specificity {_num(mel['test']['specificity'])}, PPV {_num(mel['test']['ppv'])},
@@ -278,7 +287,7 @@ under `dermadetect`, and DermaDetect's `Predictor` applies them.
   (energy score: {ood['auroc_energy_test_vs_photos']:.3f}); flagged: {ood['test_flagged']:.1%} of test images,
   {ood['photos_flagged']:.0%} of the pictures.
 
-Test metrics of the calibrated model with 95% bootstrap intervals ({analysis['bootstrap']['resamples']} resamples of
+Test metrics of the calibrated model and its decision with 95% bootstrap intervals ({analysis['bootstrap']['resamples']} resamples of
 lesions):
 
 | metric | value | 95% interval |
@@ -287,7 +296,7 @@ lesions):
 
 Recall per class (95% interval): {recalls}.
 
-Subgroups of the test split (calibrated model; balanced accuracy over the classes present in the group):
+Subgroups of the test split (calibrated model and its decision; balanced accuracy over the classes present in the group):
 
 | by | group | images | accuracy | balanced accuracy | melanomas | melanoma sensitivity |
 | --- | --- | --- | --- | --- | --- | --- |

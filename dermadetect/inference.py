@@ -19,7 +19,7 @@ from timm.data import create_transform
 from .explain import DEFAULT_METHOD, CamExplainer, cam_on_image
 from .hub import LoadedModel, load_model
 from .labels import readable_name
-from .posthoc import MahalanobisDetector
+from .posthoc import MahalanobisDetector, logit_offsets
 
 ACCEPTED_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP", "TIFF": "TIFF",
                     "GIF": "GIF"}
@@ -51,8 +51,8 @@ class ImageTooLargeError(InvalidImageError):
 
 @dataclass(frozen=True)
 class Prediction:
-    probabilities: dict[str, float]   # every class, in the model's label order; sums to 1
-    top_label: str
+    probabilities: dict[str, float]   # every class, in the model's label order; sums to 1 (calibrated, if fitted)
+    top_label: str                    # the model's call: the most probable class, or its balanced decision rule
     explained_label: str
     cam: np.ndarray                   # (H, W) in [0, 1] at the model's input resolution
     overlay: Image.Image              # the CAM on the (EXIF-rotated, possibly reduced) upload
@@ -137,9 +137,12 @@ class Predictor:
         self.data_config = self.loaded.data_config
         self.transform = create_transform(**self.data_config, is_training=False)
         settings = self.loaded.config.get("dermadetect", {})
-        # fitted on validation after training (dermadetect.study); absent in older exports: plain softmax
+        # fitted on validation after training (dermadetect.study); absent in older exports: plain softmax, argmax
+        adjustment = settings.get("logit_adjustment")
         self.explainer = CamExplainer(self.loaded.model, self.loaded.architecture, settings.get("temperature", 1.0),
-                                      int(settings.get("tta_views", 1)))
+                                      int(settings.get("tta_views", 1)),
+                                      logit_offsets(adjustment["class_prior"], adjustment["strength"])
+                                      if adjustment else None)
         self.default_method = settings.get("cam_method", DEFAULT_METHOD)
         self.melanoma_threshold = settings.get("melanoma_threshold")
         ood = settings.get("ood")
@@ -152,7 +155,7 @@ class Predictor:
 
     def predict(self, upload, explain: str | int | None = None, method: str | None = None,
                 opacity: float = 0.5) -> Prediction:
-        """Probabilities, the top class and the CAM of `explain` (a label or index; default: the top class),
+        """Probabilities, the model's call and the CAM of `explain` (a label or index; default: the call),
         by `method` (default: the model's own, chosen by ROAD faithfulness at training time)."""
         if isinstance(explain, str) and explain not in self.label_names:
             raise ValueError(f"unknown class {explain!r}; choose one of {list(self.label_names)}")
@@ -164,7 +167,7 @@ class Predictor:
         melanoma_flag = (probabilities["mel"] >= self.melanoma_threshold
                          if self.melanoma_threshold is not None and "mel" in probabilities else None)
         return Prediction(probabilities=probabilities,
-                          top_label=self.label_names[int(result.probabilities.argmax())],
+                          top_label=self.label_names[result.decision],
                           explained_label=self.label_names[result.class_index], cam=result.cam,
                           overlay=cam_on_image(result.cam, image, self.data_config, opacity),
                           image_size=image.size, ood_score=ood_score,

@@ -10,15 +10,17 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_
                              precision_recall_fscore_support, roc_auc_score)
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, label_names,
-                           melanoma_index: int | None = None) -> dict[str, float]:
+                           melanoma_index: int | None = None, y_pred: np.ndarray | None = None) -> dict[str, float]:
     """Accuracy, balanced accuracy, macro/weighted and per-class precision/recall/F1, one-vs-rest ROC-AUC,
     and melanoma sensitivity/specificity. Keys are flat: "recall/mel", "roc_auc_macro", ...
 
-    Classes absent from y_true get NaN per-class recall and AUC; the macro AUC averages the defined ones."""
+    The decisions are `y_pred` if given (a decision rule other than the argmax), else the argmax of `probs`;
+    the AUCs always rank `probs`. Classes absent from y_true get NaN per-class recall and AUC; the macro AUC
+    averages the defined ones."""
     y_true = np.asarray(y_true)
     probs = np.asarray(probs, dtype=np.float64)
     classes = np.arange(len(label_names))
-    y_pred = probs.argmax(axis=1)
+    y_pred = probs.argmax(axis=1) if y_pred is None else np.asarray(y_pred)
     out = {"n": float(len(y_true)),
            "accuracy": accuracy_score(y_true, y_pred),
            "balanced_accuracy": balanced_accuracy_score(y_true, y_pred)}  # the ISIC 2018 ranking metric
@@ -90,18 +92,19 @@ def operating_point(scores: np.ndarray, positives: np.ndarray, threshold: float)
 
 
 def bootstrap_intervals(labels, probs, groups, label_names, mel_threshold: float, resamples: int = 1000,
-                        seed: int = 0) -> dict:
+                        seed: int = 0, predictions=None) -> dict:
     """Percentile 95% intervals of the test metrics, resampling whole lesions (images of one lesion are not
-    independent). Returns {metric: {"value", "low", "high"}}."""
+    independent). Decisions: `predictions` if given, else the argmax of `probs`. Returns {metric: {"value",
+    "low", "high"}}."""
     # a loop rather than scipy.stats.bootstrap: that resamples observations, and undefined values (no melanoma
     # in a resample) would need NaN handling it does not do
     labels, probs, groups = np.asarray(labels), np.asarray(probs), np.asarray(groups)
+    predictions = probs.argmax(axis=1) if predictions is None else np.asarray(predictions)
     mel = list(label_names).index("mel")
     classes = np.arange(len(label_names))
 
     def metrics(idx):
-        y, p = labels[idx], probs[idx]
-        pred = p.argmax(axis=1)
+        y, p, pred = labels[idx], probs[idx], predictions[idx]
         out = {"balanced_accuracy": balanced_accuracy_score(y, pred), "accuracy": float(np.mean(pred == y)),
                "f1_macro": f1_score(y, pred, labels=classes, average="macro", zero_division=0)}
         aucs = [roc_auc_score(y == k, p[:, k]) for k in classes if 0 < np.sum(y == k) < len(y)]

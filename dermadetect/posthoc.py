@@ -1,6 +1,7 @@
 """What a trained model carries besides its weights, fitted on validation (or train) after training and used by
-the Predictor: test-time augmentation, temperature scaling, a melanoma operating point, and an
-out-of-distribution detector (Mahalanobis distance on penultimate features).
+the Predictor: test-time augmentation, temperature scaling, a class-balanced decision (post-hoc logit
+adjustment), a melanoma operating point, and an out-of-distribution detector (Mahalanobis distance on
+penultimate features).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from scipy.optimize import minimize_scalar
 from sklearn.covariance import LedoitWolf
+from sklearn.metrics import balanced_accuracy_score
 
 TTA_VIEWS = 8          # the dihedral group: 4 rotations by 90 degrees, each with and without a mirror flip
 OOD_FILE = "ood.safetensors"
 MELANOMA_TARGET_SENSITIVITY = 0.85   # the melanoma threshold is the highest P(mel) that catches this share
+ADJUSTMENT_STRENGTHS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
 def dihedral_batch(pixels: torch.Tensor, views: int = TTA_VIEWS) -> torch.Tensor:
@@ -60,6 +63,28 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     result = minimize_scalar(lambda log_t: nll(logits, labels, math.exp(log_t)), bounds=(-3.0, 3.0),
                              method="bounded", options={"xatol": 1e-5})
     return float(math.exp(result.x))
+
+
+def logit_offsets(class_prior, strength: float) -> np.ndarray:
+    """-strength * log(prior): added to the (calibrated) logits before the argmax, it moves the decision towards
+    the rare classes (post-hoc logit adjustment, Menon et al. 2021). Strength 1 undoes the training prior
+    entirely (the Bayes rule for balanced accuracy if the probabilities are calibrated to that prior)."""
+    return -strength * np.log(np.asarray(class_prior, dtype=np.float64))
+
+
+def adjusted_decisions(probs: np.ndarray, class_prior, strength: float) -> np.ndarray:
+    """The class index of each row: argmax of log(probability) + logit_offsets. Strength 0 is the argmax."""
+    with np.errstate(divide="ignore"):
+        return (np.log(np.asarray(probs, dtype=np.float64)) + logit_offsets(class_prior, strength)).argmax(axis=1)
+
+
+def fit_adjustment_strength(probs: np.ndarray, labels: np.ndarray, class_prior,
+                            strengths=ADJUSTMENT_STRENGTHS) -> tuple[float, dict[float, float]]:
+    """The strength with the highest balanced accuracy on (validation) `probs`, the smallest on a tie, and the
+    balanced accuracy of every strength tried. It changes the decision only, never the probabilities."""
+    scores = {float(s): float(balanced_accuracy_score(labels, adjusted_decisions(probs, class_prior, s)))
+              for s in strengths}
+    return max(scores, key=lambda s: (scores[s], -s)), scores
 
 
 def energy_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

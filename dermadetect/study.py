@@ -1,7 +1,7 @@
 """The post-training analysis of one backbone: what a plain accuracy table leaves out.
 
-Everything is SELECTED on validation (test-time augmentation on or off, the temperature, the melanoma threshold,
-the out-of-distribution threshold) and the test split is then scored once: balanced accuracy and friends with
+Everything is SELECTED on validation (test-time augmentation on or off, the temperature, the strength of the
+class-balanced decision, the melanoma threshold, the out-of-distribution threshold) and the test split is then scored once: balanced accuracy and friends with
 bootstrap 95% confidence intervals (resampling lesions), calibration before/after, the melanoma operating point,
 out-of-distribution AUROC against non-dermoscopic photos, and subgroups by data source, sex and age band.
 """
@@ -25,8 +25,8 @@ from .hub import update_export_config
 from .inference import to_rgb
 from .metrics import (bootstrap_intervals, classification_metrics, json_safe, operating_point, reliability_bins,
                       threshold_for_sensitivity)
-from .posthoc import (MELANOMA_TARGET_SENSITIVITY, OOD_FILE, TTA_VIEWS, MahalanobisDetector, energy_score,
-                      fit_temperature, model_outputs, nll, softmax)
+from .posthoc import (MELANOMA_TARGET_SENSITIVITY, OOD_FILE, TTA_VIEWS, MahalanobisDetector, adjusted_decisions,
+                      energy_score, fit_adjustment_strength, fit_temperature, model_outputs, nll, softmax)
 from .report import plot_reliability
 
 logger = logging.getLogger(__name__)
@@ -78,9 +78,9 @@ def age_band(age) -> str:
     return next(name for low, high, name in AGE_BANDS if low <= age < high)
 
 
-def subgroups(table, labels, probs, label_names, mel_threshold: float) -> dict:
-    """Test results per data source (`dataset`), sex and age band: images, accuracy, balanced accuracy over
-    the classes present, melanoma sensitivity at the chosen threshold."""
+def subgroups(table, labels, probs, predictions, label_names, mel_threshold: float) -> dict:
+    """Test results per data source (`dataset`), sex and age band: images, accuracy and balanced accuracy (over
+    the classes present) of the decisions, melanoma sensitivity at the chosen threshold."""
     mel = list(label_names).index("mel")
     columns = {"dataset": list(table["dataset"]) if "dataset" in table.column_names else None,
                "sex": list(table["sex"]) if "sex" in table.column_names else None,
@@ -94,8 +94,7 @@ def subgroups(table, labels, probs, label_names, mel_threshold: float) -> dict:
         order = [name for _, _, name in AGE_BANDS] + ["unknown"]
         for value in sorted(set(values), key=lambda v: (order.index(v) if v in order else -1, v)):
             idx = values == value
-            y, p = labels[idx], probs[idx]
-            pred = p.argmax(axis=1)
+            y, p, pred = labels[idx], probs[idx], predictions[idx]
             point = operating_point(p[:, mel], y == mel, mel_threshold)
             rows.append({"group": value, "images": int(idx.sum()), "accuracy": float(np.mean(pred == y)),
                          "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
@@ -105,21 +104,28 @@ def subgroups(table, labels, probs, label_names, mel_threshold: float) -> dict:
     return out
 
 
-def write_calibrated_predictions(path: Path, table, label_names, labels, probs, ood_scores) -> None:
+def class_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Each class's share of `labels`; a class absent from them counts once (its log would be -inf)."""
+    counts = np.maximum(np.bincount(labels, minlength=num_classes), 1)
+    return counts / counts.sum()
+
+
+def write_calibrated_predictions(path: Path, table, label_names, labels, probs, predictions, ood_scores) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image_id", "lesion_id", "label", "pred"] + [f"prob_{n}" for n in label_names] +
                         ["ood_score"])
-        for image_id, lesion_id, y, p, s in zip(table["image_id"], table["lesion_id"], labels, probs, ood_scores):
-            writer.writerow([image_id, lesion_id, label_names[y], label_names[int(p.argmax())]] +
+        for image_id, lesion_id, y, p, d, s in zip(table["image_id"], table["lesion_id"], labels, probs, predictions,
+                                                   ood_scores):
+            writer.writerow([image_id, lesion_id, label_names[y], label_names[d]] +
                             [f"{v:.9g}" for v in p] + [f"{s:.9g}"])
 
 
 def analyze_backbone(name: str, model: torch.nn.Module, data: LesionData, eval_tf, out: Path, export_dir: Path,
                      batch_size: int = 64, num_workers: int = 2) -> dict:
     """Run the analysis of a trained model, write analysis.json, reliability_diagram.png and
-    predictions_calibrated_{validation,test}.csv into `out`, and store the temperature, TTA choice, melanoma
-    threshold and OOD detector in the export (config.json "dermadetect" + ood.safetensors)."""
+    predictions_calibrated_{validation,test}.csv into `out`, and store the temperature, TTA choice, decision rule,
+    melanoma threshold and OOD detector in the export (config.json "dermadetect" + ood.safetensors)."""
     model = model.eval()
     names = data.label_names
     mel = list(names).index("mel")
@@ -143,6 +149,15 @@ def analyze_backbone(name: str, model: torch.nn.Module, data: LesionData, eval_t
     plot_reliability(calibration["test"], temperature, out / "reliability_diagram.png",
                      f"{name}: test calibration (temperature fitted on validation)")
     val_p, test_p = softmax(val_z, temperature), softmax(test_z, temperature)
+
+    # the decision: the argmax moved towards the rare classes as far as helps validation balanced accuracy
+    prior = class_prior(splits["train"]["labels"], len(names))
+    strength, val_by_strength = fit_adjustment_strength(val_p, val["labels"], prior)
+    val_pred, test_pred = adjusted_decisions(val_p, prior, strength), adjusted_decisions(test_p, prior, strength)
+    decision = {"rule": "argmax of log P(class) - strength * log(class share of train): post-hoc logit adjustment",
+                "class_prior": dict(zip(names, prior.tolist())), "strength": strength,
+                "validation_balanced_accuracy": {f"{s:g}": v for s, v in val_by_strength.items()},
+                "test_argmax": json_safe(classification_metrics(test["labels"], test_p, names, mel))}
 
     mel_threshold = threshold_for_sensitivity(val_p[:, mel], val["labels"] == mel, MELANOMA_TARGET_SENSITIVITY)
     melanoma = {"target_sensitivity": MELANOMA_TARGET_SENSITIVITY, "threshold": mel_threshold,
@@ -182,24 +197,28 @@ def analyze_backbone(name: str, model: torch.nn.Module, data: LesionData, eval_t
                                                               names, mel))},
         "temperature": temperature,
         "calibration": calibration,
+        "decision": decision,
         "melanoma_operating_point": melanoma,
         "ood": ood,
-        "test_final": json_safe(classification_metrics(test["labels"], test_p, names, mel)),
+        "test_final": json_safe(classification_metrics(test["labels"], test_p, names, mel, test_pred)),
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "unit": "lesion", "level": 0.95,
                       "test": bootstrap_intervals(test["labels"], test_p, test_table["lesion_id"], names,
-                                                  mel_threshold, BOOTSTRAP_RESAMPLES)},
-        "subgroups": subgroups(test_table, test["labels"], test_p, names, mel_threshold),
+                                                  mel_threshold, BOOTSTRAP_RESAMPLES, predictions=test_pred)},
+        "subgroups": subgroups(test_table, test["labels"], test_p, test_pred, names, mel_threshold),
     }
     (out / ANALYSIS_FILE).write_text(json.dumps(analysis, indent=1, allow_nan=False))
-    for split, probs, scores in (("validation", val_p, val_scores), ("test", test_p, test_scores)):
+    for split, probs, pred, scores in (("validation", val_p, val_pred, val_scores),
+                                       ("test", test_p, test_pred, test_scores)):
         write_calibrated_predictions(out / f"predictions_calibrated_{split}.csv", data.splits[split], names,
-                                     splits[split]["labels"], probs, scores)
+                                     splits[split]["labels"], probs, pred, scores)
     detector.save(export_dir)
     update_export_config(export_dir, temperature=temperature, tta_views=TTA_VIEWS if use_tta else 1,
+                         logit_adjustment={"class_prior": prior.tolist(), "strength": strength},
                          melanoma_threshold=mel_threshold,
                          ood={"method": "mahalanobis", "file": OOD_FILE, "threshold": detector.threshold})
-    logger.info("%s: TTA %s, T=%.3f, test ECE %.3f -> %.3f, mel threshold %.3f (test sens %.3f spec %.3f), "
-                "OOD AUROC %.3f", name, "on" if use_tta else "off", temperature,
-                calibration["test"]["before"]["ece"], calibration["test"]["after"]["ece"], mel_threshold,
+    logger.info("%s: TTA %s, T=%.3f, test ECE %.3f -> %.3f, adjustment %.3f (test bal acc %.3f -> %.3f), "
+                "mel threshold %.3f (test sens %.3f spec %.3f), OOD AUROC %.3f", name, "on" if use_tta else "off",
+                temperature, calibration["test"]["before"]["ece"], calibration["test"]["after"]["ece"], strength,
+                decision["test_argmax"]["balanced_accuracy"], analysis["test_final"]["balanced_accuracy"], mel_threshold,
                 melanoma["test"]["sensitivity"], melanoma["test"]["specificity"], ood["auroc_test_vs_photos"])
     return analysis

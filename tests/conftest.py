@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dermadetect.config import DEFAULT_BACKBONES
@@ -35,6 +36,16 @@ def ham224() -> Path:
 def read_metadata(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def read_predictions(path: Path) -> tuple[list[dict], list[str], np.ndarray, np.ndarray]:
+    """A predictions CSV that train.py wrote: its rows, the label names, labels and probabilities."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    names = [k[len("prob_"):] for k in rows[0] if k.startswith("prob_")]
+    labels = np.array([names.index(r["label"]) for r in rows])
+    probs = np.array([[float(r[f"prob_{n}"]) for n in names] for r in rows])
+    return rows, names, labels, probs
 
 
 def write_metadata(path: Path, rows: list[dict]) -> None:

@@ -162,7 +162,7 @@ def test_real_browser_upload(served, originals):
         labels_text = page.inner_text("#labels")
         assert sum(name in labels_text for name in ("Melanoma (mel)", "Melanocytic nevus (nv)")) == 2
         assert page.locator("#overlay img").evaluate("img => img.naturalWidth") > 0
-        assert "not a diagnosis" in page.inner_text("#summary")
+        assert "not a diagnosis" in page.inner_text("#summary") and "call is" in page.inner_text("#summary")
         page.screenshot(path=str(SCREENSHOT), full_page=True)
         browser.close()
     assert SCREENSHOT.stat().st_size > 10_000
@@ -211,5 +211,10 @@ def test_summary_warns_on_non_dermoscopy_and_names_the_melanoma_threshold():
     assert "does not look like a dermoscopy image" in summary(True, True)
     assert "screening threshold" not in summary(True, True)  # no melanoma talk about a picture of a cat
     assert "screening threshold" in summary(False, True) and "85%" in summary(False, True)
+    assert "Its highest probability" not in summary(False, False)  # the call is the most probable class
+    moved = Prediction(probabilities=probabilities, top_label="mel", explained_label="mel", cam=np.zeros((4, 4)),
+                       overlay=Image.new("RGB", (4, 4)), image_size=(4, 4))
+    assert "call is **Melanoma (mel)** (30%)" in app.summary_line(moved, labels)
+    assert "highest probability is Melanocytic nevus (nv) (58%)" in app.summary_line(moved, labels)
     plain = summary(False, False)
     assert "screening threshold" not in plain and "dermoscopy image" not in plain and "not a diagnosis" in plain

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from timm.data import create_transform, resolve_model_data_config
 
 from conftest import REPO, data_root
 from dermadetect.explain import CAM_METHODS, project_cam
-from dermadetect.hub import export_for_hub, load_model
+from dermadetect.hub import export_for_hub, load_model, update_export_config
 from dermadetect.inference import (CorruptImageError, ImageTooLargeError, ImageTooSmallError, NotAnImageError,
                                    Predictor, open_image)
 from dermadetect.labels import HAM10000_CLASSES
@@ -99,6 +100,22 @@ def test_explaining_another_class_changes_the_map(predictors, name):
     assert list(first.probabilities) == list(HAM10000_CLASSES)
     assert sum(first.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
     assert first.overlay.size == (300, 220) and first.overlay.mode == "RGB"
+
+
+def test_logit_adjustment_moves_the_call_not_the_probabilities(model_dirs, tmp_path):
+    plain = Predictor(str(model_dirs["resnet18"])).predict(lesion_like())
+    probs = np.array(list(plain.probabilities.values()))
+    target = int(probs.argmin())
+    prior = probs / 10 ** (np.arange(7) == target)  # a prior that makes the least probable class the call
+    prior = prior / prior.sum()
+    for strength in (0.5, 1.0):
+        folder = shutil.copytree(model_dirs["resnet18"], tmp_path / str(strength))
+        update_export_config(folder, logit_adjustment={"class_prior": prior.tolist(), "strength": strength})
+        adjusted = Predictor(str(folder)).predict(lesion_like())
+        expected = HAM10000_CLASSES[int((probs / prior ** strength).argmax())]
+        assert adjusted.top_label == adjusted.explained_label == expected
+        assert adjusted.probabilities == pytest.approx(plain.probabilities, abs=1e-6)
+    assert adjusted.top_label == HAM10000_CLASSES[target] != plain.top_label
 
 
 @pytest.mark.parametrize("size", [(640, 360), (300, 500)])

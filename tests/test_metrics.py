@@ -31,6 +31,16 @@ def test_matches_sklearn_on_all_classes_present():
     assert all(0.0 <= v <= 1.0 for k, v in m.items() if not k.startswith(("support", "n")))
 
 
+def test_given_decisions_replace_the_argmax_but_not_the_auc():
+    y, probs = random_predictions(seed=3)
+    pred = np.random.default_rng(4).integers(0, 7, len(y))
+    m = classification_metrics(y, probs, HAM10000_CLASSES, melanoma_index(HAM10000_CLASSES), y_pred=pred)
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
+    assert m["f1_macro"] == pytest.approx(f1_score(y, pred, average="macro"))
+    assert m["melanoma_sensitivity"] == pytest.approx(((pred == 4) & (y == 4)).sum() / (y == 4).sum())
+    assert m["roc_auc_macro"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+
+
 def test_hand_computed_melanoma_operating_point():
     labels = ("mel", "nv")
     y = np.array([0, 0, 0, 1, 1, 1, 1])

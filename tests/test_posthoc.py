@@ -1,5 +1,5 @@
-"""Calibration, operating points, bootstrap intervals, test-time augmentation and the OOD detector, each
-checked against an independent computation."""
+"""Calibration, the class-balanced decision, operating points, bootstrap intervals, test-time augmentation and
+the OOD detector, each checked against an independent computation."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 from dermadetect.metrics import bootstrap_intervals, operating_point, reliability_bins, threshold_for_sensitivity
-from dermadetect.posthoc import (MahalanobisDetector, dihedral_batch, energy_score, fit_temperature, nll,
-                                 softmax)
+from dermadetect.posthoc import (MahalanobisDetector, adjusted_decisions, dihedral_batch, energy_score,
+                                 fit_adjustment_strength, fit_temperature, nll, softmax)
 
 LABELS = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
@@ -31,6 +31,38 @@ def test_temperature_recovers_the_one_that_generated_the_labels():
     assert fit_temperature(logits, labels) == pytest.approx(best_on_grid, abs=0.06)
     before, after = reliability_bins(softmax(logits), labels), reliability_bins(softmax(logits, 2.5), labels)
     assert after["ece"] < 0.02 < before["ece"]
+
+
+def imbalanced_posteriors(rng, n=6000):
+    """Labels drawn from a skewed prior and the exact posteriors P(class | x) of noisy class evidence: the Bayes
+    rule for balanced accuracy divides them by the prior (strength 1), the argmax (strength 0) favours the
+    common class."""
+    prior = np.array([0.03, 0.05, 0.10, 0.01, 0.08, 0.72, 0.01])
+    labels = rng.choice(len(prior), size=n, p=prior)
+    likelihood = np.exp(rng.normal(0, 1, (n, len(prior))) + 1.5 * np.eye(len(prior))[labels])
+    posterior = likelihood * prior
+    return labels, posterior / posterior.sum(axis=1, keepdims=True), prior
+
+
+def test_adjusted_decision_divides_by_a_power_of_the_prior():
+    rng = np.random.default_rng(5)
+    _, probs, prior = imbalanced_posteriors(rng, 500)
+    for strength in (0.0, 0.5, 1.0):
+        expected = (probs / prior ** strength).argmax(axis=1)
+        np.testing.assert_array_equal(adjusted_decisions(probs, prior, strength), expected)
+    assert not np.array_equal(adjusted_decisions(probs, prior, 1.0), probs.argmax(axis=1))
+
+
+def test_adjustment_strength_is_chosen_on_balanced_accuracy():
+    labels, probs, prior = imbalanced_posteriors(np.random.default_rng(6))
+    strength, scores = fit_adjustment_strength(probs, labels, prior)
+    for s, score in scores.items():
+        assert score == pytest.approx(balanced_accuracy_score(labels, (probs / prior ** s).argmax(axis=1)))
+    assert scores[strength] == max(scores.values()) and strength >= 0.75  # near the Bayes rule's strength 1
+    assert scores[strength] > scores[0.0] + 0.05
+    # decisions that no strength changes: every strength ties, the smallest (the plain argmax) is kept
+    confident = np.eye(7)[labels] * 0.999 + 0.001 / 7
+    assert fit_adjustment_strength(confident, labels, prior)[0] == 0.0
 
 
 def test_ece_equals_a_hand_computation():
@@ -79,6 +111,13 @@ def test_bootstrap_intervals_resample_lesions():
     as_images = bootstrap_intervals(np.repeat(labels, 4), np.repeat(probs, 4, axis=0), np.arange(len(labels) * 4),
                                     LABELS, mel_threshold=0.3, resamples=300)
     assert as_images["balanced_accuracy"]["high"] - as_images["balanced_accuracy"]["low"] < 0.75 * copied_width
+    # another decision rule: its point estimates, the AUC still ranks the probabilities
+    decisions = rng.integers(0, 7, len(labels))
+    other = bootstrap_intervals(labels, probs, lesions, LABELS, mel_threshold=0.3, resamples=50,
+                                predictions=decisions)
+    assert other["balanced_accuracy"]["value"] == pytest.approx(balanced_accuracy_score(labels, decisions))
+    assert other["recall/mel"]["value"] == pytest.approx(np.mean(decisions[labels == 4] == 4))
+    assert other["roc_auc_macro"]["value"] == pytest.approx(ci["roc_auc_macro"]["value"])
 
 
 def test_dihedral_views_are_the_eight_symmetries():

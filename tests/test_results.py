@@ -7,13 +7,16 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
+from sklearn.metrics import balanced_accuracy_score
 
 import app
-from conftest import REPO
+from conftest import REPO, read_predictions
 from dermadetect.__main__ import publish_run, results_markers
 from dermadetect.hub import model_card
 from dermadetect.inference import Predictor
+from dermadetect.posthoc import fit_adjustment_strength
 from dermadetect.report import read_backbone_row, results_markdown, sweep_markdown
 
 
@@ -130,3 +133,47 @@ def test_bundled_model_applies_the_studied_ood_guard():
         if max(image.size) <= 1024:  # larger uploads are reduced first, so their pixels differ slightly
             assert result.ood_score == pytest.approx(analysis["ood"]["photo_scores"][name], rel=1e-3)
     assert sum(flagged) / len(flagged) == pytest.approx(analysis["ood"]["photos_flagged"])
+
+
+def calibrated_predictions(folder, split: str) -> tuple[list[dict], np.ndarray, np.ndarray, np.ndarray]:
+    """A committed predictions_calibrated_<split>.csv: rows, labels, probabilities and decisions as indices."""
+    rows, names, labels, probs = read_predictions(folder / f"predictions_calibrated_{split}.csv")
+    return rows, labels, probs, np.array([names.index(r["pred"]) for r in rows])
+
+
+def test_decision_rule_is_redone_from_the_committed_predictions():
+    """The strength is the one that wins on the validation file's probabilities; the test balanced accuracy is
+    the test file's decisions' (scikit-learn), as analysis.json and README report it."""
+    analysed = [folder for run in committed_runs() for folder in sorted(run.iterdir())
+                if (folder / "analysis.json").is_file() and "decision" in json.loads(
+                    (folder / "analysis.json").read_text())]
+    assert analysed, "no committed analysis has a decision rule"
+    for folder in analysed:
+        analysis = json.loads((folder / "analysis.json").read_text())
+        decision = analysis["decision"]
+        prior = np.array(list(decision["class_prior"].values()))
+        _, val_labels, val_probs, _ = calibrated_predictions(folder, "validation")
+        strength, scores = fit_adjustment_strength(val_probs, val_labels, prior)
+        assert strength == decision["strength"], folder
+        _, labels, probs, decisions = calibrated_predictions(folder, "test")
+        assert balanced_accuracy_score(labels, decisions) == pytest.approx(
+            analysis["bootstrap"]["test"]["balanced_accuracy"]["value"]), folder
+        assert balanced_accuracy_score(labels, probs.argmax(axis=1)) == pytest.approx(
+            decision["test_argmax"]["balanced_accuracy"]), folder
+
+
+def test_bundled_model_makes_the_studys_calls(ham224):
+    """On real test images the bundled Predictor gives the probabilities and the decision that the study
+    recorded for them: test-time augmentation, temperature and decision rule are applied as analysed. The
+    images include every class and calls that differ from the argmax."""
+    run, backbone = bundled_run()
+    rows, labels, probs, decisions = calibrated_predictions(run / backbone, "test")
+    chosen = [int(np.flatnonzero(labels == k)[0]) for k in np.unique(labels)]
+    moved = np.flatnonzero(decisions != probs.argmax(axis=1))
+    assert len(moved), "the bundled model's decision rule changes no test call"
+    chosen += list(moved[:6])
+    predictor = Predictor(str(app.BUNDLED_MODEL))
+    for i in chosen:
+        result = predictor.predict(ham224 / "test" / f"{rows[i]['image_id']}.jpg")
+        assert result.top_label == rows[i]["pred"], rows[i]["image_id"]
+        assert list(result.probabilities.values()) == pytest.approx(probs[i], abs=2e-4), rows[i]["image_id"]

@@ -16,8 +16,9 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from sklearn.metrics import balanced_accuracy_score
 
-from conftest import REPO, SMALL_RUN, read_metadata, run_train, write_metadata
+from conftest import REPO, SMALL_RUN, read_metadata, read_predictions, run_train, write_metadata
 from dermadetect.config import DEFAULT_BACKBONES
 from dermadetect.labels import melanoma_index
 from dermadetect.metrics import classification_metrics
@@ -29,15 +30,6 @@ PER_BACKBONE_FILES = ("metrics.json", "confusion_matrix.png", "roc_curves.png", 
                       "export/config.json", "export/model.safetensors", "analysis.json", "reliability_diagram.png",
                       "predictions_calibrated_validation.csv", "predictions_calibrated_test.csv",
                       "export/ood.safetensors")
-
-
-def read_predictions(path):
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    names = [k[len("prob_"):] for k in rows[0] if k.startswith("prob_")]
-    labels = np.array([names.index(r["label"]) for r in rows])
-    probs = np.array([[float(r[f"prob_{n}"]) for n in names] for r in rows])
-    return rows, names, labels, probs
 
 
 def test_smoke_run_writes_every_artifact(smoke_run):
@@ -279,7 +271,7 @@ def test_export_round_trip_matches_the_trained_model(smoke_run, small_data):
             expected = trained(x)
             torch.testing.assert_close(from_timm(x), expected)
             torch.testing.assert_close(predictor.loaded.model(x), expected)
-        # the analysis' choices on validation: temperature, test-time views, OOD detector
+        # the analysis' choices on validation: temperature, test-time views, decision rule, OOD detector
         settings = config["dermadetect"]
         views = [torch.rot90(x, k, dims=(2, 3)) for k in range(4)]
         views = [v for view in views for v in (view, view.flip(3))][:settings["tta_views"]]
@@ -293,11 +285,15 @@ def test_export_round_trip_matches_the_trained_model(smoke_run, small_data):
         assert result.ood_score == pytest.approx(float(ood.score(pre_logits[None])[0]), rel=1e-4)
         assert result.out_of_distribution == (result.ood_score > settings["ood"]["threshold"])
         assert result.melanoma_flag == (result.probabilities["mel"] >= settings["melanoma_threshold"])
+        adjustment = settings["logit_adjustment"]
+        call = (logits / settings["temperature"]).numpy() - adjustment["strength"] * np.log(adjustment["class_prior"])
+        assert result.top_label == result.explained_label == config["label_names"][int(call.argmax())]
 
 
 def test_analysis_choices_are_made_on_validation(smoke_run):
-    """The melanoma threshold meets the target on validation; the OOD threshold keeps 95% of validation; test
-    metrics in analysis.json equal scikit-learn on the calibrated test predictions."""
+    """The melanoma threshold meets the target on validation; the OOD threshold keeps 95% of validation; the
+    decision rule is the best on validation; test metrics in analysis.json equal scikit-learn on the calibrated
+    test predictions and their decisions."""
     for backbone in DEFAULT_BACKBONES:
         analysis = json.loads((smoke_run / backbone / "analysis.json").read_text())
         config = json.loads((smoke_run / backbone / "export" / "config.json").read_text())["dermadetect"]
@@ -312,8 +308,21 @@ def test_analysis_choices_are_made_on_validation(smoke_run):
         scores = np.array([float(r["ood_score"]) for r in val_rows])
         # np.quantile interpolates: on a small validation split the share kept is 95% to within one image
         assert np.mean(scores <= config["ood"]["threshold"]) >= 0.95 - 1 / len(scores)
-        _, _, labels, probs = read_predictions(smoke_run / backbone / "predictions_calibrated_test.csv")
-        expected = classification_metrics(labels, probs, names, melanoma_index(names))
+        # the decision: argmax of log P - s * log(train class share), s the best on validation balanced accuracy
+        with open(smoke_run / "splits.csv", newline="") as f:
+            train_dx = [row["dx"] for row in csv.DictReader(f) if row["split"] == "train"]
+        shares = np.array([train_dx.count(n) for n in names]) / len(train_dx)
+        adjustment = config["logit_adjustment"]
+        assert adjustment["class_prior"] == pytest.approx(shares)
+        assert adjustment["strength"] == analysis["decision"]["strength"]
+        val_decisions = np.array([names.index(r["pred"]) for r in val_rows])
+        assert np.array_equal(val_decisions, (val_probs / shares ** adjustment["strength"]).argmax(axis=1))
+        assert balanced_accuracy_score(val_labels, val_decisions) == pytest.approx(max(
+            analysis["decision"]["validation_balanced_accuracy"].values()))
+        test_rows, _, labels, probs = read_predictions(smoke_run / backbone / "predictions_calibrated_test.csv")
+        decisions = np.array([names.index(r["pred"]) for r in test_rows])
+        assert np.array_equal(decisions, (probs / shares ** adjustment["strength"]).argmax(axis=1))
+        expected = classification_metrics(labels, probs, names, melanoma_index(names), y_pred=decisions)
         for key in ("balanced_accuracy", "accuracy", "f1_macro", "roc_auc_macro"):
             assert analysis["test_final"][key] == pytest.approx(expected[key])
             assert analysis["bootstrap"]["test"][key]["value"] == pytest.approx(expected[key])
