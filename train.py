@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help=f"Hub dataset id (given alone: {DEFAULT_HUB_DATASET})")
     src.add_argument("--val-fraction", type=float)
     src.add_argument("--test-fraction", type=float, help="used only when the source has no test split")
+    src.add_argument("--split-seed", type=int,
+                     help="seed of the lesion split (default: --seed); fix it to compare seeds on one split")
     src.add_argument("--skip-bad-images", action="store_true", default=None,
                      help="drop (and report) unreadable/missing/mislabelled/duplicate rows instead of failing")
     src.add_argument("--max-train-samples", type=int)

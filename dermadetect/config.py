@@ -15,6 +15,8 @@ class DataConfig:
     data_dir: str | None = None          # local folder: imagefolder+metadata.csv, raw HAM10000, or class folders
     dataset: str | None = None           # Hub dataset id (or a local copy of such a repo)
     val_fraction: float = 0.15           # of train lesions, for checkpoint/threshold selection
+    split_seed: int | None = None        # seed of the lesion split; None: the training seed. Fix it to compare
+                                         # training seeds on one validation split
     test_fraction: float = 0.15          # only used when the source has no test split of its own
     skip_bad_images: bool = False
     max_train_samples: int | None = None

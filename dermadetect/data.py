@@ -309,7 +309,9 @@ def check_no_lesion_leak(splits: dict[str, datasets.Dataset]) -> None:
 
 
 def load_lesion_data(cfg: DataConfig, seed: int) -> LesionData:
-    """Source -> validated tables -> train/validation/test split by lesion_id (test kept if provided)."""
+    """Source -> validated tables -> train/validation/test split by lesion_id (test kept if provided). The split
+    (and any subsample) uses `cfg.split_seed`, or `seed` where that is None."""
+    seed = seed if cfg.split_seed is None else cfg.split_seed
     tables, source, has_lesion_ids = load_source(cfg)
     # metadata sources use HAM10000 codes, so anything else is a typo; folder names define their own classes
     allowed = set(HAM10000_CLASSES) if has_lesion_ids else None

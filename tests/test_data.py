@@ -100,6 +100,15 @@ def test_grouped_split_is_seeded():
     assert not np.array_equal(first[1], other[1])
 
 
+def test_split_seed_fixes_the_split_whatever_the_training_seed(small_data):
+    def validation(seed, split_seed=None):
+        data = load_lesion_data(DataConfig(data_dir=str(small_data), split_seed=split_seed), seed=seed)
+        return sorted(data.splits["validation"]["image_id"])
+
+    assert validation(7, split_seed=1) == validation(8, split_seed=1) == validation(1)
+    assert validation(7) != validation(8)
+
+
 def test_hub_dataset_with_overlapping_splits_is_pooled_and_resplit(ham224, tmp_path):
     """The layout of marmal88/skin_cancer (parquet splits that share images), loaded through datasets."""
     rows = pick_rows(read_metadata(ham224 / "train" / "metadata.csv"), per_class=12)
