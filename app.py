@@ -78,6 +78,11 @@ def model_summary(predictor: Predictor) -> str:
         if results:
             shown = ", ".join(f"{r.metric_name or r.metric_type} {r.metric_value:.3f}" for r in results)
             lines.append(f"**Test metrics** ({results[0].dataset_name}): {shown}")
+            if "temperature" in loaded.config.get("dermadetect", {}):
+                # the card's model-index scores the network alone; this page also applies what the analysis
+                # fitted, and the card's analysed section scores that
+                lines[-1] += (" (the network alone: argmax of one view. The model card also scores it as this page "
+                              "serves it, with the settings fitted on validation)")
     return "  \n".join(lines)
 
 

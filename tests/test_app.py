@@ -85,6 +85,7 @@ def test_page_shows_disclaimer_model_and_examples(served, predictor):
     texts = " ".join(str(b.value) for b in demo.blocks.values() if isinstance(getattr(b, "value", None), str))
     assert "never diagnoses" in texts
     assert "convnextv2_nano" in texts and "Test metrics" in texts
+    assert ("the network alone" in texts) == ("temperature" in predictor.loaded.config.get("dermadetect", {}))
     assert app.find_examples(predictor)  # from examples.json in the model folder
 
 
