@@ -51,7 +51,7 @@ class CamExplainer:
         self.layer = target_layer(model, architecture)
         self.temperature = temperature
         self.views = views
-        self.logit_offsets = logit_offsets
+        self.logit_offsets = 0.0 if logit_offsets is None else np.asarray(logit_offsets, dtype=np.float64)
         # pytorch-grad-cam objects used for their CAM arithmetic only: their hooks are removed at once
         self._cams = {}
         for name, cls in CAM_METHODS.items():
@@ -70,7 +70,7 @@ class CamExplainer:
             pre_logits = self.model.forward_head(all_features[:1], pre_logits=True).float()[0].numpy()
         scaled = view_logits.mean(dim=0) / self.temperature
         probs = scaled.softmax(dim=0).numpy()
-        decision = int(np.argmax(scaled.double().numpy() + (0.0 if self.logit_offsets is None else self.logit_offsets)))
+        decision = int(np.argmax(scaled.double().numpy() + self.logit_offsets))
         index = decision if class_index is None else int(class_index)
         if not 0 <= index < view_logits.shape[1]:
             raise ValueError(f"class index {index} out of range 0..{view_logits.shape[1] - 1}")

@@ -259,13 +259,17 @@ def analysis_section(analysis: dict | None) -> str:
         for column, entries in analysis["subgroups"].items() for g in entries)
     tta = analysis["tta"]
     decision = analysis.get("decision")  # absent in runs analysed before the decision rule existed: argmax
-    decision_line = "- Decision: the most probable class (argmax)." if decision is None else f"""- Decision: the class
-  with the highest log P(class) - {decision['strength']:g} * log(its share of the training images), which weighs the
-  rarer classes up; the strength was chosen on validation balanced accuracy
-  (s {"; ".join(f"{s}: {v:.3f}" for s, v in decision['validation_balanced_accuracy'].items())}). On test, plain
-  argmax -> this decision: balanced accuracy {_num(decision['test_argmax']['balanced_accuracy'])} -> {_num(analysis['test_final']['balanced_accuracy'])},
-  accuracy {_num(decision['test_argmax']['accuracy'])} -> {_num(analysis['test_final']['accuracy'])}, macro F1 {_num(decision['test_argmax']['f1_macro'])} -> {_num(analysis['test_final']['f1_macro'])}
-  (more of the common class is called something else). The probabilities themselves are unchanged."""
+    if decision is None:
+        decision_line = "- Decision: the most probable class (argmax)."
+    else:
+        tried = "; ".join(f"{s}: {v:.3f}" for s, v in decision["validation_balanced_accuracy"].items())
+        argmax, final = decision["test_argmax"], analysis["test_final"]
+        change = ", ".join(f"{label} {_num(argmax[key])} -> {_num(final[key])}" for key, label in (
+            ("balanced_accuracy", "balanced accuracy"), ("accuracy", "accuracy"), ("f1_macro", "macro F1")))
+        decision_line = f"""- Decision: the class with the highest log P(class) - {decision['strength']:g} * log(its share of the
+  training images), which weighs the rarer classes up; the strength was chosen on validation balanced accuracy
+  (s {tried}). On test, plain argmax -> this decision: {change} (more of the common class is called something
+  else). The probabilities themselves are unchanged."""
     return f"""
 ## Calibrated, with a class-balanced decision, a melanoma operating point and an out-of-distribution guard
 Fitted after training on the validation split only; the test split was scored once. `config.json` carries them

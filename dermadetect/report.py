@@ -110,8 +110,8 @@ def analysis_markdown(rows: list[dict]) -> str:
     """The analysed results: every choice made on validation, the test split scored once, 95% bootstrap
     intervals over lesions in brackets."""
     header = ["Backbone", "Bal. acc [95% CI]", "Macro F1 [95% CI]", "Macro AUC [95% CI]", "Bal. acc no TTA / TTA",
-              "TTA used", "T", "Decision (bal. acc of argmax)", "ECE before / after", "Mel threshold", "Mel sens [95% CI]", "Mel spec", "Mel PPV",
-              "Mel NPV", "OOD AUROC (Mahalanobis / energy)"]
+              "TTA used", "T", "Decision (bal. acc of argmax)", "ECE before / after", "Mel threshold",
+              "Mel sens [95% CI]", "Mel spec", "Mel PPV", "Mel NPV", "OOD AUROC (Mahalanobis / energy)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         a = r["analysis"]

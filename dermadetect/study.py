@@ -1,9 +1,10 @@
 """The post-training analysis of one backbone: what a plain accuracy table leaves out.
 
 Everything is SELECTED on validation (test-time augmentation on or off, the temperature, the strength of the
-class-balanced decision, the melanoma threshold, the out-of-distribution threshold) and the test split is then scored once: balanced accuracy and friends with
-bootstrap 95% confidence intervals (resampling lesions), calibration before/after, the melanoma operating point,
-out-of-distribution AUROC against non-dermoscopic photos, and subgroups by data source, sex and age band.
+class-balanced decision, the melanoma threshold, the out-of-distribution threshold) and the test split is then
+scored once: balanced accuracy and friends with bootstrap 95% confidence intervals (resampling lesions),
+calibration before/after, the melanoma operating point, out-of-distribution AUROC against non-dermoscopic photos,
+and subgroups by data source, sex and age band.
 """
 
 from __future__ import annotations
@@ -219,6 +220,7 @@ def analyze_backbone(name: str, model: torch.nn.Module, data: LesionData, eval_t
     logger.info("%s: TTA %s, T=%.3f, test ECE %.3f -> %.3f, adjustment %.3f (test bal acc %.3f -> %.3f), "
                 "mel threshold %.3f (test sens %.3f spec %.3f), OOD AUROC %.3f", name, "on" if use_tta else "off",
                 temperature, calibration["test"]["before"]["ece"], calibration["test"]["after"]["ece"], strength,
-                decision["test_argmax"]["balanced_accuracy"], analysis["test_final"]["balanced_accuracy"], mel_threshold,
-                melanoma["test"]["sensitivity"], melanoma["test"]["specificity"], ood["auroc_test_vs_photos"])
+                decision["test_argmax"]["balanced_accuracy"], analysis["test_final"]["balanced_accuracy"],
+                mel_threshold, melanoma["test"]["sensitivity"], melanoma["test"]["specificity"],
+                ood["auroc_test_vs_photos"])
     return analysis
