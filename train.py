@@ -27,7 +27,8 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from dermadetect.config import DEFAULT_BACKBONES, DEFAULT_HUB_DATASET, RunConfig, TrainConfig, replace_nested
-from dermadetect.data import LesionData, as_torch_dataset, build_transforms, collate, load_lesion_data
+from dermadetect.data import (COLOR_CONSTANCY, LesionData, as_torch_dataset, build_transforms, collate,
+                              load_lesion_data)
 from dermadetect.engine import (TrainerState, load_checkpoint, make_accelerator, predict, read_trainer_state,
                                 save_checkpoint, set_seed, train_one_epoch)
 from dermadetect.explain import road_faithfulness
@@ -64,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--max-train-samples", type=int)
     src.add_argument("--max-eval-samples", type=int, help="cap validation and test (small runs only)")
     src.add_argument("--image-size", type=int, help="square input size (default: the backbone's own)")
+    src.add_argument("--color-constancy", choices=sorted(COLOR_CONSTANCY),
+                     help="normalise each image's colour cast before training and prediction (default: none)")
     src.add_argument("--num-workers", type=int, help="data loader processes (may differ on --resume)")
     mdl = p.add_argument_group("models")
     mdl.add_argument("--backbones", nargs="+", help=f"timm model names (default: {' '.join(DEFAULT_BACKBONES)})")
@@ -257,7 +260,8 @@ def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run
                    history=state.history)
         (out / METRICS_FILE).write_text(json.dumps(row, indent=1, allow_nan=False))
         write_backbone_plots(*outputs["test"], data.label_names, state.history, out, name)
-        export_for_hub(accelerator.unwrap_model(model), name, data.label_names, data_config, out / EXPORT_DIR)
+        export_for_hub(accelerator.unwrap_model(model), name, data.label_names, data_config, out / EXPORT_DIR,
+                       extra={"color_constancy": cfg.data.color_constancy})
         explain_report(name, data, cfg, out)
         row["analysis"] = analyze_backbone(name, accelerator.unwrap_model(model), data, eval_tf, out,
                                            out / EXPORT_DIR, cfg.train.batch_size, cfg.data.num_workers)

@@ -24,6 +24,7 @@ class DataConfig:
     image_size: int | None = None        # None: the backbone's own input size
     num_workers: int = 2
     rotation_degrees: float = 180.0      # dermoscopy has no canonical "up"
+    color_constancy: str = "none"        # "shades_of_gray": neutralise each image's colour cast (train and eval)
 
 
 @dataclass(frozen=True)

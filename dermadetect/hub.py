@@ -171,6 +171,8 @@ def model_card(metrics: dict, run_info: dict, repo_id: str | None = None) -> Mod
     summary = "\n".join(f"| {name} | {_num(metrics['validation'].get(key))} | {_num(test.get(key))} |"
                         for key, name in CARD_METRICS)
     command = " ".join(run_info.get("command", []))
+    constancy = config["data"].get("color_constancy", "none")  # absent from runs made before the option
+    colour = f", colour constancy {constancy} (applied to uploads too)" if constancy != "none" else ""
     body = f"""
 # DermaDetect {backbone}
 
@@ -203,7 +205,7 @@ that shows how such a classifier behaves, including where it fails.
 - Recipe: {config['train']['epochs']} epochs, batch {config['train']['batch_size']}, {config['train']['optimizer']}
   lr {config['train']['lr']}, weight decay {config['train']['weight_decay']}, {config['train']['scheduler']} schedule,
   label smoothing {config['train']['label_smoothing']}, class weighting {config['train']['class_weighting']},
-  input {metrics['data_config']['input_size'][1]} px.
+  input {metrics['data_config']['input_size'][1]} px{colour}.
 - Command: `{command}`
 
 ## Results

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
 
+from .data import with_color_constancy
 from .explain import DEFAULT_METHOD, CamExplainer, cam_on_image
 from .hub import LoadedModel, load_model
 from .labels import readable_name
@@ -135,8 +136,9 @@ class Predictor:
         self.loaded = source if isinstance(source, LoadedModel) else load_model(source)
         self.label_names = self.loaded.label_names
         self.data_config = self.loaded.data_config
-        self.transform = create_transform(**self.data_config, is_training=False)
         settings = self.loaded.config.get("dermadetect", {})
+        self.transform = with_color_constancy(create_transform(**self.data_config, is_training=False),
+                                              settings.get("color_constancy", "none"))
         # fitted on validation after training (dermadetect.study); absent in older exports: plain softmax, argmax
         adjustment = settings.get("logit_adjustment")
         self.explainer = CamExplainer(self.loaded.model, self.loaded.architecture, settings.get("temperature", 1.0),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +12,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
+
+from .config import RunConfig  # noqa: E402
 
 COMPARISON_COLUMNS = (
     ("balanced_accuracy", "Bal. acc"), ("accuracy", "Acc"), ("f1_macro", "Macro F1"),
@@ -190,12 +193,17 @@ def results_markdown(comparison: dict, source: str) -> str:
 
 
 SWEEP_IGNORED = {"num_workers", "seed"}  # the machine's, and a column of its own
+INIT_SETTINGS = {"pretrained", "pretrained_file", "pretrained_files"}  # compared as the start they give
 
 
-def _flat_settings(config: dict) -> dict:
-    """The data, model and training settings of a saved run config, in one dict."""
-    return {k: v for section in ("data", "model", "train") for k, v in config[section].items()
-            if k not in SWEEP_IGNORED}
+def _flat_settings(config: dict, backbone: str) -> dict:
+    """The data, model and training settings of a saved run config, in one dict. A setting the run's version of
+    train.py did not have yet takes today's default (the option was off), and the ways of naming the starting
+    weights (pretrained, pretrained_file, pretrained_files) become the one start they give `backbone`."""
+    full = RunConfig.from_dict({section: config[section] for section in ("data", "model", "train")})
+    flat = {k: v for section in (full.data, full.model, full.train) for k, v in asdict(section).items()
+            if k not in SWEEP_IGNORED and k not in INIT_SETTINGS}
+    return {**flat, "init": full.model.init_description(backbone)}
 
 
 def sweep_markdown(folder: Path, reference: str = "base", backbone: str = "efficientnet_lite0") -> str:
@@ -205,13 +213,13 @@ def sweep_markdown(folder: Path, reference: str = "base", backbone: str = "effic
     for run in sorted(p for p in Path(folder).iterdir() if (p / "trainer_state.json").is_file()):
         config = json.loads((run / "config.json").read_text())["config"]
         runs[run.name] = (config, json.loads((run / "trainer_state.json").read_text()))
-    base = _flat_settings(runs[reference][0])
+    base = _flat_settings(runs[reference][0], backbone)
     lines = [f"From `{folder}/*/{{config.json,trainer_state.json}}` ({backbone}; validation balanced accuracy "
              "after each epoch, best in bold).", "",
              "| Run | Differs from `" + reference + "` | Seed | Validation bal. acc by epoch | Best (epoch) |",
              "|---|---|---|---|---|"]
     for name, (config, state) in runs.items():
-        changes = {k: v for k, v in _flat_settings(config).items() if base.get(k) != v}
+        changes = {k: v for k, v in _flat_settings(config, backbone).items() if base[k] != v}
         differs = ", ".join(f"{k}={v}" for k, v in sorted(changes.items())) or "-"
         curve = [h["val_balanced_accuracy"] for h in state["history"]]
         epochs = " ".join(f"**{v:.3f}**" if i + 1 == state["best_epoch"] else f"{v:.3f}"

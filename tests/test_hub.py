@@ -18,7 +18,7 @@ import yaml
 import train
 from conftest import REPO
 from dermadetect.config import DEFAULT_BACKBONES
-from dermadetect.hub import CARD_METRICS
+from dermadetect.hub import CARD_METRICS, model_card
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -44,6 +44,16 @@ def test_card_front_matter_and_numbers_come_from_metrics(smoke_run):
         examples = json.loads((smoke_run / backbone / "export" / "examples.json").read_text())
         assert sorted(e["label"] for e in examples) == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
         assert all((smoke_run / backbone / "export" / e["file"]).is_file() for e in examples)
+        assert "colour constancy" not in text  # the smoke run trains without it
+
+
+def test_card_states_colour_constancy_when_the_run_used_it(smoke_run):
+    metrics = json.loads((smoke_run / "resnet18" / "metrics.json").read_text())
+    run_info = json.loads((smoke_run / "config.json").read_text())
+    run_info["config"]["data"]["color_constancy"] = "shades_of_gray"
+    assert "colour constancy shades_of_gray (applied to uploads too)" in str(model_card(metrics, run_info))
+    del run_info["config"]["data"]["color_constancy"]  # a run from before the option
+    assert "colour constancy" not in str(model_card(metrics, run_info))
 
 
 class FakeHub(BaseHTTPRequestHandler):

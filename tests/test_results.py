@@ -44,7 +44,7 @@ def test_readme_results_tables_are_generated_from_committed_results():
 def test_readme_sweep_tables_are_generated_from_committed_trainer_states(monkeypatch):
     monkeypatch.chdir(REPO)  # the tables name their folders relative to the repository, as the command does
     sweeps = committed_sweeps()
-    assert {s.name for s in sweeps} >= {"class-weighting-pilot", "lite0-recipe-sweep"}
+    assert {s.name for s in sweeps} >= {"lite0-cpu-pilots", "lite0-recipe-sweep"}
     for sweep in sweeps:
         block = readme_results((REPO / "README.md").read_text(), sweep.name)
         reference = re.search(r"Differs from `([^`]+)`", block).group(1)
@@ -54,6 +54,24 @@ def test_readme_sweep_tables_are_generated_from_committed_trainer_states(monkeyp
         # an independent reading of one row: the run's best validation score and epoch, as the file holds them
         name, value = max(best.items(), key=lambda kv: kv[1])
         assert re.search(rf"\| {re.escape(name)} \|.*\| {value:.3f} \(\d+\) \|", block), name
+
+
+def test_sweep_table_compares_what_runs_did_not_how_their_config_spelled_it(tmp_path):
+    """Configs written by older versions of train.py lack later options (they were off) and name the starting
+    weights another way; the table lists only real differences."""
+    weights = "../shared/weights/efficientnet_lite0.in1k.safetensors"
+    runs = {"old": {"model": {"pretrained": True, "pretrained_file": weights}, "train": {"seed": 42}},
+            "new": {"model": {"pretrained": False, "pretrained_files": {"efficientnet_lite0": weights}},
+                    "train": {"seed": 43, "mixup": 0.0, "ema_decay": 0.0}},
+            "scratch": {"model": {"pretrained": False}, "train": {"seed": 42, "lr": 1e-3}}}
+    for name, config in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"config": {"data": {}, **config}}))
+        (tmp_path / name / "trainer_state.json").write_text(json.dumps(
+            {"history": [{"val_balanced_accuracy": 0.5}], "best_metric": 0.5, "best_epoch": 1}))
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1]
+            for line in sweep_markdown(tmp_path, "old").splitlines() if line.startswith("| ") and "Run" not in line}
+    assert rows == {"new": "-", "old": "-", "scratch": "init=random (from scratch), lr=0.001"}
 
 
 def bundled_run():
