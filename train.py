@@ -27,8 +27,8 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from dermadetect.config import DEFAULT_BACKBONES, DEFAULT_HUB_DATASET, RunConfig, TrainConfig, replace_nested
-from dermadetect.data import (COLOR_CONSTANCY, LesionData, as_torch_dataset, build_transforms, collate,
-                              load_lesion_data)
+from dermadetect.color import COLOR_CONSTANCY
+from dermadetect.data import LesionData, as_torch_dataset, build_transforms, collate, load_lesion_data
 from dermadetect.engine import (TrainerState, load_checkpoint, make_accelerator, predict, read_trainer_state,
                                 save_checkpoint, set_seed, train_one_epoch)
 from dermadetect.explain import road_faithfulness

@@ -21,6 +21,7 @@ from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from timm.data import create_transform, resolve_model_data_config
 from torchvision import transforms as T
 
+from .color import with_color_constancy
 from .config import DataConfig
 from .labels import HAM10000_CLASSES
 
@@ -367,42 +368,6 @@ def _subsample(table: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
 
 
 # ---------------------------------------------------------------- transforms and loaders
-
-class ShadesOfGray:
-    """Colour constancy by Shades of Gray (Finlayson & Trezzi 2004): the illuminant is each channel's Minkowski
-    p-mean, and the channels are rescaled so that it becomes neutral grey. Dermoscopes, cameras and clinics differ
-    in colour cast (the ISIC 2018 test set mixes five sources); ISIC challenge entries normalise it this way, p=6."""
-
-    def __init__(self, power: float = 6.0):
-        self.power = power
-
-    def __call__(self, image: PILImage.Image) -> PILImage.Image:
-        rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-        illuminant = np.mean((rgb / 255.0) ** self.power, axis=(0, 1)) ** (1.0 / self.power)
-        if illuminant.min() <= 0:  # a channel that is black everywhere has no cast to remove
-            return image.convert("RGB")
-        gains = np.sqrt(np.mean(illuminant ** 2)) / illuminant
-        return PILImage.fromarray(np.clip(rgb * gains, 0, 255).round().astype(np.uint8))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(power={self.power})"
-
-
-COLOR_CONSTANCY = {"none": None, "shades_of_gray": ShadesOfGray}
-
-
-def color_constancy_transform(name: str):
-    """The colour-constancy step called `name` (None for "none"); unknown names fail with the choices."""
-    if name not in COLOR_CONSTANCY:
-        raise ValueError(f"unknown color_constancy {name!r}; choose one of {sorted(COLOR_CONSTANCY)}")
-    return COLOR_CONSTANCY[name]() if COLOR_CONSTANCY[name] else None
-
-
-def with_color_constancy(transform: T.Compose, name: str) -> T.Compose:
-    """`transform` preceded by the colour-constancy step `name` (unchanged for "none")."""
-    step = color_constancy_transform(name)
-    return T.Compose([step] + list(transform.transforms)) if step else transform
-
 
 def build_transforms(model: torch.nn.Module, cfg: DataConfig) -> tuple[T.Compose, T.Compose, dict]:
     """(train, eval, data_config) from timm's data config for `model`, with dermoscopy augmentation."""

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
 
-from .data import with_color_constancy
+from .color import with_color_constancy
 from .explain import DEFAULT_METHOD, CamExplainer, cam_on_image
 from .hub import LoadedModel, load_model
 from .labels import readable_name

@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, make_imagefolder, pick_rows, read_metadata, write_metadata
+from dermadetect.color import ShadesOfGray
 from dermadetect.config import DataConfig
-from dermadetect.data import (BadDataError, LesionLeakError, ShadesOfGray, build_transforms, check_no_lesion_leak,
+from dermadetect.data import (BadDataError, LesionLeakError, build_transforms, check_no_lesion_leak,
                               lesion_grouped_split, load_lesion_data)
 from dermadetect.labels import HAM10000_CLASSES
 

@@ -121,15 +121,15 @@ def test_logit_adjustment_moves_the_call_not_the_probabilities(model_dirs, tmp_p
 def test_color_constancy_of_the_export_is_applied_before_the_model(model_dirs, tmp_path):
     """An export trained with colour constancy says so in config.json; the Predictor then corrects each upload
     the same way before its own transform, and an export without the setting leaves colours alone."""
-    from dermadetect.data import ShadesOfGray
+    from dermadetect.color import ShadesOfGray
 
     folder = shutil.copytree(model_dirs["resnet18"], tmp_path / "sog")
     update_export_config(folder, color_constancy="shades_of_gray")
     corrected, plain = Predictor(str(folder)), Predictor(str(model_dirs["resnet18"]))
     image = lesion_like()
-    expected = plain.predict(ShadesOfGray()(image)).probabilities
-    assert corrected.predict(image).probabilities == pytest.approx(expected, abs=1e-6)
-    assert corrected.predict(image).probabilities != pytest.approx(plain.predict(image).probabilities, abs=1e-4)
+    probabilities = corrected.predict(image).probabilities
+    assert probabilities == pytest.approx(plain.predict(ShadesOfGray()(image)).probabilities, abs=1e-6)
+    assert probabilities != pytest.approx(plain.predict(image).probabilities, abs=1e-4)
 
 
 @pytest.mark.parametrize("size", [(640, 360), (300, 500)])
