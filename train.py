@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader
 
 from dermadetect.config import DEFAULT_BACKBONES, DEFAULT_HUB_DATASET, RunConfig, TrainConfig, replace_nested
 from dermadetect.color import COLOR_CONSTANCY
-from dermadetect.data import LesionData, as_torch_dataset, build_transforms, collate, load_lesion_data
+from dermadetect.data import (CLASS_REBALANCING, LesionData, as_torch_dataset, build_transforms,
+                              class_balanced_sampler, class_weights, collate, load_lesion_data)
 from dermadetect.engine import (TrainerState, load_checkpoint, make_accelerator, predict, read_trainer_state,
                                 save_checkpoint, set_seed, train_one_epoch)
 from dermadetect.explain import road_faithfulness
@@ -82,8 +83,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     trn.add_argument("--weight-decay", type=float)
     trn.add_argument("--warmup-epochs", type=int)
     trn.add_argument("--label-smoothing", type=float)
-    trn.add_argument("--class-weighting", choices=["none", "balanced", "sqrt"],
+    trn.add_argument("--class-weighting", choices=CLASS_REBALANCING,
                      help="loss weights: inverse class frequency (balanced) or its square root (sqrt)")
+    trn.add_argument("--class-sampling", choices=CLASS_REBALANCING,
+                     help="draw training images with those weights instead (with replacement, one epoch's worth)")
     trn.add_argument("--mixup", type=float, help="mixup alpha (0: off)")
     trn.add_argument("--cutmix", type=float, help="cutmix alpha (0: off); with --mixup each batch uses one")
     trn.add_argument("--ema-decay", type=float,
@@ -140,8 +143,13 @@ def make_loaders(data: LesionData, train_tf, eval_tf, cfg: RunConfig) -> dict[st
     loaders = {}
     for split in ("train", "validation", "test"):
         dataset = as_torch_dataset(data.splits[split], data.label_names, train_tf if split == "train" else eval_tf)
+        sampler = None
+        if split == "train" and cfg.train.class_sampling != "none":
+            sampler = class_balanced_sampler(data.labels("train"), len(data.label_names), cfg.train.class_sampling,
+                                             cfg.train.seed)
         # mixing pairs each image with another of its batch (timm's Mixup needs an even batch): drop the odd tail
-        loaders[split] = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=(split == "train"),
+        loaders[split] = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,
+                                    shuffle=split == "train" and sampler is None,
                                     num_workers=cfg.data.num_workers, collate_fn=collate,
                                     drop_last=split == "train" and mixing(cfg.train))
         # workers are not persistent: each epoch's workers are seeded from the (checkpointed) main RNG,
@@ -163,10 +171,7 @@ def make_mixup(cfg: TrainConfig, num_classes: int) -> Mixup | None:
 def make_loss(data: LesionData, cfg: RunConfig) -> torch.nn.Module:
     weight = None
     if cfg.train.class_weighting != "none":
-        counts = np.maximum(data.class_counts("train"), 1)
-        balanced = counts.sum() / (len(counts) * counts)  # inverse class frequency, mean 1 over images
-        # "sqrt" softens it: full inverse weights up-weight df 70x relative to nv on HAM10000
-        weight = torch.tensor(balanced if cfg.train.class_weighting == "balanced" else np.sqrt(balanced),
+        weight = torch.tensor(class_weights(data.class_counts("train"), cfg.train.class_weighting),
                               dtype=torch.float32)
     return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
 

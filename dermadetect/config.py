@@ -61,6 +61,8 @@ class TrainConfig:
                                          # best/ and every score use the averaged weights
     layer_decay: float | None = None     # lr x layer_decay per layer group below the head (timm); None: one lr
     class_weighting: str = "none"        # "none", "balanced" (inverse class frequency) or "sqrt" (its root)
+    class_sampling: str = "none"         # the same choices, applied by drawing training images instead of
+                                         # weighting the loss; both at once multiply
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"          # "no", "fp16", "bf16"
     max_steps: int | None = None         # cap on optimizer steps per backbone (small runs)

@@ -173,6 +173,9 @@ def model_card(metrics: dict, run_info: dict, repo_id: str | None = None) -> Mod
     command = " ".join(run_info.get("command", []))
     constancy = config["data"].get("color_constancy", "none")  # absent from runs made before the option
     colour = f", colour constancy {constancy} (applied to uploads too)" if constancy != "none" else ""
+    sampling = config["train"].get("class_sampling", "none")
+    rebalancing = f"class weighting {config['train']['class_weighting']}" + (
+        f", class-balanced sampling {sampling}" if sampling != "none" else "")
     body = f"""
 # DermaDetect {backbone}
 
@@ -204,7 +207,7 @@ that shows how such a classifier behaves, including where it fails.
   validation balanced accuracy; the test split was scored once, at the end.
 - Recipe: {config['train']['epochs']} epochs, batch {config['train']['batch_size']}, {config['train']['optimizer']}
   lr {config['train']['lr']}, weight decay {config['train']['weight_decay']}, {config['train']['scheduler']} schedule,
-  label smoothing {config['train']['label_smoothing']}, class weighting {config['train']['class_weighting']},
+  label smoothing {config['train']['label_smoothing']}, {rebalancing},
   input {metrics['data_config']['input_size'][1]} px{colour}.
 - Command: `{command}`
 

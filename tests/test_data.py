@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import train
 from conftest import REPO, make_imagefolder, pick_rows, read_metadata, write_metadata
 from dermadetect.color import ShadesOfGray
-from dermadetect.config import DataConfig
+from dermadetect.config import DataConfig, RunConfig, TrainConfig
 from dermadetect.data import (BadDataError, LesionLeakError, build_transforms, check_no_lesion_leak,
-                              lesion_grouped_split, load_lesion_data)
+                              class_weights, lesion_grouped_split, load_lesion_data)
 from dermadetect.labels import HAM10000_CLASSES
 
 
@@ -285,3 +286,36 @@ def test_color_constancy_runs_first_in_train_and_eval_transforms():
     assert np.allclose(eval_tf(image).numpy(), plain_eval(ShadesOfGray()(image)).numpy())
     with pytest.raises(ValueError, match="shades_of_gray"):
         build_transforms(model, DataConfig(color_constancy="grey_world"))
+
+
+def test_class_weights_by_hand():
+    counts = np.array([3, 1])  # 4 images, 2 classes: inverse frequency 4 / (2 * count)
+    np.testing.assert_allclose(class_weights(counts, "balanced"), [2 / 3, 2])
+    np.testing.assert_allclose(class_weights(counts, "sqrt"), [np.sqrt(2 / 3), np.sqrt(2)])
+    np.testing.assert_allclose(class_weights(counts, "none"), [1, 1])
+    with pytest.raises(ValueError, match="choose one of"):
+        class_weights(counts, "inverse")
+
+
+@pytest.mark.parametrize("mode", ["balanced", "sqrt"])
+def test_class_sampler_draws_classes_at_the_intended_rates(full_data, mode):
+    """On the real training labels (nv ~67%, df ~1%): balanced sampling draws every class about equally often,
+    sqrt sampling in proportion to the square root of its count."""
+    cfg = RunConfig(train=TrainConfig(class_sampling=mode), data=DataConfig(num_workers=0))
+    sampler = train.make_loaders(full_data, None, None, cfg)["train"].sampler  # what train.py trains on
+    labels = full_data.labels("train")
+    counts = np.bincount(labels, minlength=7)
+    assert len(sampler) == len(labels)
+    drawn = []
+    for epoch in range(8):
+        sampler.set_epoch(epoch)
+        drawn += list(sampler)
+    rates = np.bincount(labels[np.array(drawn)], minlength=7) / len(drawn)
+    expected = np.full(7, 1 / 7) if mode == "balanced" else np.sqrt(counts) / np.sqrt(counts).sum()
+    np.testing.assert_allclose(rates, expected, atol=0.01)
+
+
+
+def test_plain_training_loader_shuffles_without_replacement(full_data):
+    sampler = train.make_loaders(full_data, None, None, RunConfig(data=DataConfig(num_workers=0)))["train"].sampler
+    assert sorted(sampler) == list(range(len(full_data.splits["train"])))

@@ -145,11 +145,11 @@ def test_killed_run_resumes_to_the_same_result(small_data, straight_run, tmp_pat
     assert_same_run(straight_run, tmp_path / "interrupted")
 
 
-def test_killed_run_with_mixup_ema_and_layer_decay_resumes_exactly(small_data, tmp_path):
-    """The weight average and the mixing draws are part of the checkpoint: an interrupted run ends where a
-    straight one does."""
+def test_killed_run_with_mixup_ema_layer_decay_and_class_sampling_resumes_exactly(small_data, tmp_path):
+    """The weight average, the mixing draws and the class sampler's draws are part of the checkpoint: an
+    interrupted run ends where a straight one does."""
     args = [*resume_args(small_data), "--mixup", "0.4", "--cutmix", "1.0", "--ema-decay", "0.9",
-            "--layer-decay", "0.7", "--train-only"]
+            "--layer-decay", "0.7", "--class-sampling", "sqrt", "--train-only"]
     run_train(*args, "--output-dir", str(tmp_path / "straight"))
     kill_after_first_checkpoint_and_resume(args, tmp_path / "interrupted")
     states = [json.loads((tmp_path / run / "resnet18" / "state" / "trainer_state.json").read_text())
