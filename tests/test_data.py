@@ -315,7 +315,6 @@ def test_class_sampler_draws_classes_at_the_intended_rates(full_data, mode):
     np.testing.assert_allclose(rates, expected, atol=0.01)
 
 
-
 def test_plain_training_loader_shuffles_without_replacement(full_data):
     sampler = train.make_loaders(full_data, None, None, RunConfig(data=DataConfig(num_workers=0)))["train"].sampler
     assert sorted(sampler) == list(range(len(full_data.splits["train"])))

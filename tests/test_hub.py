@@ -50,7 +50,7 @@ def test_card_front_matter_and_numbers_come_from_metrics(smoke_run):
 def test_card_states_colour_constancy_and_class_sampling_when_the_run_used_them(smoke_run):
     metrics = json.loads((smoke_run / "resnet18" / "metrics.json").read_text())
     run_info = json.loads((smoke_run / "config.json").read_text())
-    assert "sampling" not in str(model_card(metrics, run_info))  # the smoke run shuffles plainly
+    assert "class-balanced sampling" not in str(model_card(metrics, run_info))  # the smoke run shuffles plainly
     run_info["config"]["data"]["color_constancy"] = "shades_of_gray"
     run_info["config"]["train"]["class_sampling"] = "sqrt"
     card = str(model_card(metrics, run_info))
@@ -59,7 +59,7 @@ def test_card_states_colour_constancy_and_class_sampling_when_the_run_used_them(
     # a run from before the options
     del run_info["config"]["data"]["color_constancy"], run_info["config"]["train"]["class_sampling"]
     assert "colour constancy" not in str(model_card(metrics, run_info))
-    assert "sampling" not in str(model_card(metrics, run_info))
+    assert "class-balanced sampling" not in str(model_card(metrics, run_info))
 
 
 class FakeHub(BaseHTTPRequestHandler):

@@ -146,8 +146,8 @@ def test_killed_run_resumes_to_the_same_result(small_data, straight_run, tmp_pat
 
 
 def test_killed_run_with_mixup_ema_layer_decay_and_class_sampling_resumes_exactly(small_data, tmp_path):
-    """The weight average, the mixing draws and the class sampler's draws are part of the checkpoint: an
-    interrupted run ends where a straight one does."""
+    """The weight average and the mixing draws are part of the checkpoint and the class sampler's draws follow
+    from (seed, epoch): an interrupted run ends where a straight one does."""
     args = [*resume_args(small_data), "--mixup", "0.4", "--cutmix", "1.0", "--ema-decay", "0.9",
             "--layer-decay", "0.7", "--class-sampling", "sqrt", "--train-only"]
     run_train(*args, "--output-dir", str(tmp_path / "straight"))
