@@ -118,8 +118,10 @@ def write_calibrated_predictions(path: Path, table, label_names, labels, probs, 
                         ["ood_score"])
         for image_id, lesion_id, y, p, d, s in zip(table["image_id"], table["lesion_id"], labels, probs, predictions,
                                                    ood_scores):
+            # repr: the shortest text that reads back as the same float64, so metrics recompute exactly even
+            # where a barely trained model gives nearly equal probabilities (9 digits reordered such ties)
             writer.writerow([image_id, lesion_id, label_names[y], label_names[d]] +
-                            [f"{v:.9g}" for v in p] + [f"{s:.9g}"])
+                            [repr(float(v)) for v in p] + [repr(float(s))])
 
 
 def analyze_backbone(name: str, model: torch.nn.Module, data: LesionData, eval_tf, out: Path, export_dir: Path,

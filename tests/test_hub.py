@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 import yaml
@@ -170,9 +171,13 @@ def test_wrong_revision_and_pickle_only_repo_are_refused(fake_hub, small_data, t
     assert "has no model.safetensors" in pickled["error"] and "safetensors" in pickled["error"]
 
 
+def copy_run_exports(run: Path, to: Path) -> Path:
+    """A copy of a run without its training checkpoints (best/, state/): all that pushing reads."""
+    return Path(shutil.copytree(run, to, ignore=shutil.ignore_patterns("best", "state")))
+
+
 def test_push_hands_each_export_to_hfapi(smoke_run, tmp_path, monkeypatch):
-    run = tmp_path / "run"
-    shutil.copytree(smoke_run, run)
+    run = copy_run_exports(smoke_run, tmp_path / "run")
     calls = []
 
     class RecordingApi:
@@ -200,8 +205,7 @@ def test_push_hands_each_export_to_hfapi(smoke_run, tmp_path, monkeypatch):
 
 
 def test_push_without_token_fails_clearly_after_export(smoke_run, tmp_path, monkeypatch):
-    run = tmp_path / "run"
-    shutil.copytree(smoke_run, run)
+    run = copy_run_exports(smoke_run, tmp_path / "run")
     monkeypatch.setattr("dermadetect.hub.get_token", lambda: None)
     rows = json.loads((run / "comparison.json").read_text())["rows"]
     assert train.push_run(run, rows, "derma/dd", private=False) == 1
