@@ -231,6 +231,7 @@ def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run
     elif state.epoch:
         state = load_checkpoint(accelerator, out)
         accelerator.print(f"{name}: resuming after epoch {state.epoch} (step {state.global_step})")
+        warn_if_threads_differ(run_dir)
     for epoch in range(state.epoch, cfg.train.epochs):
         if training_finished(state, cfg.train):
             break
@@ -274,6 +275,16 @@ def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run
                         plots=[out / p for p in PLOTS], examples=pick_examples(data))
     accelerator.free_memory(model, optimizer, train_loader, val_loader, test_loader)
     return row
+
+
+def warn_if_threads_differ(run_dir: Path) -> None:
+    """Training is repeatable bit for bit only with the thread count it started with: another count sums the
+    same floats in another order, and a few hundred steps turn that rounding into another model."""
+    started = json.loads((run_dir / "config.json").read_text()).get("torch_threads")
+    if started is not None and started != torch.get_num_threads():
+        logger.warning("this run started with %d torch threads and continues with %d: it will not end where an "
+                       "uninterrupted run would (set OMP_NUM_THREADS=%d to match)", started,
+                       torch.get_num_threads(), started)
 
 
 def training_finished(state: TrainerState, cfg: TrainConfig) -> bool:
@@ -453,7 +464,8 @@ def main(argv=None) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(
             {"config": cfg.to_dict(), "command": sys.argv, "num_processes": accelerator.num_processes,
-             "torch": torch.__version__, "label_names": list(data.label_names),
+             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+             "label_names": list(data.label_names),
              "split_sizes": {s: len(t) for s, t in data.splits.items()}}, indent=1))
         data.write_splits_csv(run_dir / "splits.csv")
         if data.dropped:

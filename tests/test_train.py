@@ -122,10 +122,11 @@ def assert_same_run(a_dir, b_dir):
         assert b[split] == pytest.approx(a[split])
 
 
-def kill_after_first_checkpoint_and_resume(args: list[str], out) -> None:
+def kill_after_first_checkpoint_and_resume(args: list[str], out, env=None,
+                                           resume_env=None) -> subprocess.CompletedProcess:
     """Start train.py, SIGKILL it as soon as its first epoch checkpoint exists, then --resume it to the end."""
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args, "--output-dir", str(out)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     marker = out / "resnet18" / "state" / "trainer_state.json"
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -136,13 +137,27 @@ def kill_after_first_checkpoint_and_resume(args: list[str], out) -> None:
     epochs_done = json.loads(marker.read_text())["epoch"]
     assert 1 <= epochs_done < 3
 
-    resumed = run_train(*args, "--output-dir", str(out), "--resume")
+    resumed = run_train(*args, "--output-dir", str(out), "--resume", env=resume_env)
     assert f"resuming after epoch {epochs_done}" in resumed.stdout
+    return resumed
 
 
 def test_killed_run_resumes_to_the_same_result(small_data, straight_run, tmp_path):
-    kill_after_first_checkpoint_and_resume(resume_args(small_data), tmp_path / "interrupted")
+    resumed = kill_after_first_checkpoint_and_resume(resume_args(small_data), tmp_path / "interrupted")
     assert_same_run(straight_run, tmp_path / "interrupted")
+    assert "torch threads" not in resumed.stderr
+
+
+def test_resuming_with_another_thread_count_says_the_run_will_differ(small_data, tmp_path):
+    """Float sums depend on the thread count (a CPU Lite0 run with 1 thread instead of 2 ended elsewhere): the
+    run records its count, and a resumption with another one warns and names the setting that matches."""
+    out = tmp_path / "run"
+    args = [*resume_args(small_data), "--train-only"]
+    resumed = kill_after_first_checkpoint_and_resume(args, out, env={**os.environ, "OMP_NUM_THREADS": "2"},
+                                                     resume_env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert json.loads((out / "config.json").read_text())["torch_threads"] == 2
+    assert "started with 2 torch threads and continues with 1" in resumed.stderr
+    assert "OMP_NUM_THREADS=2" in resumed.stderr
 
 
 def test_killed_run_with_mixup_ema_layer_decay_and_class_sampling_resumes_exactly(small_data, tmp_path):
