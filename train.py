@@ -279,7 +279,8 @@ def train_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run
 
 def warn_if_threads_differ(run_dir: Path) -> None:
     """Training is repeatable bit for bit only with the thread count it started with: another count sums the
-    same floats in another order, and a few hundred steps turn that rounding into another model."""
+    same floats in another order, and training amplifies that rounding (20 steps of the CPU recipe with 1 thread
+    instead of 2 already give other weights)."""
     started = json.loads((run_dir / "config.json").read_text()).get("torch_threads")
     if started is not None and started != torch.get_num_threads():
         logger.warning("this run started with %d torch threads and continues with %d: it will not end where an "
