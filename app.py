@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -27,12 +28,13 @@ from dermadetect.explain import CAM_METHODS
 from dermadetect.hub import ModelSourceError
 from dermadetect.inference import InvalidImageError, Prediction, Predictor
 from dermadetect.labels import DISCLAIMER, MALIGNANT, readable_name
-from dermadetect.posthoc import MELANOMA_TARGET_SENSITIVITY
+from dermadetect.posthoc import DEFAULT_CAM_METHOD, MELANOMA_TARGET_SENSITIVITY, PostHocSettings
 
 logger = logging.getLogger("dermadetect.app")
 
 HUB_MODEL = "hf-hub:dermadetect/dermadetect-convnextv2_nano"
-BUNDLED_MODEL = Path(__file__).resolve().parent / "models" / "dermadetect-efficientnet_lite0"
+# `python -m dermadetect publish --bundle` keeps exactly one model here
+BUNDLED_MODEL = min((Path(__file__).resolve().parent / "models").glob("dermadetect-*"))
 TOP_CLASS = "Top class"
 LOW_CONFIDENCE = 0.5          # top probability under this is flagged
 HIGH_ENTROPY = 0.75           # entropy / log(num_classes) over this is flagged
@@ -78,7 +80,7 @@ def model_summary(predictor: Predictor) -> str:
         if results:
             shown = ", ".join(f"{r.metric_name or r.metric_type} {r.metric_value:.3f}" for r in results)
             lines.append(f"**Test metrics** ({results[0].dataset_name}): {shown}")
-            if "temperature" in loaded.config.get("dermadetect", {}):
+            if dataclasses.replace(loaded.settings, cam_method=DEFAULT_CAM_METHOD) != PostHocSettings():
                 # the card's model-index scores the network alone; this page also applies what the analysis
                 # fitted, and the card's analysed section scores that
                 lines[-1] += (" (the network alone: argmax of one view. The model card also scores it as this page "

@@ -1,35 +1,48 @@
-"""Command line.
+"""Command line: the stages after fitting, prediction, and the repository's results.
 
-    python -m dermadetect predict IMAGE... --model SRC [--cam-method M] [--class LABEL] [--out DIR]
-        one JSON line per image: the probabilities and top class, or the readable error
-    python -m dermadetect publish runs/NAME [--bundle BACKBONE]
-        commit a finished run: results/NAME/ and its README results block; with --bundle, also
-        models/dermadetect-BACKBONE/ and model_card.md
-    python -m dermadetect sweep-table results/NAME [--reference RUN]
-        README's table (block NAME) of a committed sweep: one folder per run, config.json + trainer_state.json
-    python -m dermadetect compact-copy DATA_DIR TARGET [--quality Q]
-        the dataset with its images re-encoded as WebP, to ship it to a training machine with a size limit
+    python -m dermadetect evaluate RUN      one pass of every split through each best checkpoint (any device,
+                                            any process count: accelerate launch -m dermadetect evaluate RUN)
+    python -m dermadetect analyze RUN       post-hoc settings and statistics from that pass (validation only)
+    python -m dermadetect export RUN [--push-to-hub ORG/PREFIX]   the served model folders, and their upload
+    python -m dermadetect publish RUN [--bundle BACKBONE] [--force]   results/, README block, bundled model
+    python -m dermadetect predict IMAGE... --model SRC   one JSON line per image
+    python -m dermadetect sweep-table results/NAME       README's table of a committed settings sweep
+    python -m dermadetect compact-copy DATA_DIR TARGET   the dataset re-encoded as WebP, for a size-limited transfer
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
 
 from .data import write_compact_copy
+from .engine import make_accelerator
 from .explain import CAM_METHODS
 from .inference import InvalidImageError, Predictor
 from .labels import DISCLAIMER
+from .pipeline import (RunFolderError, analyze_backbone, evaluate_backbone, export_backbone, load_run_data,
+                       push_run, read_run)
 from .posthoc import OOD_FILE
-from .report import results_markdown, sweep_markdown
+from .report import read_backbone_row, results_markdown, sweep_markdown, write_comparison
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dermadetect", epilog=DISCLAIMER)
+    parser = argparse.ArgumentParser(prog="python -m dermadetect", epilog=DISCLAIMER,
+                                     description="The stages after `train.py` fits, and the tools around them.")
     commands = parser.add_subparsers(dest="command", required=True)
+    for stage, text in (("evaluate", "one evaluation pass of each backbone's best checkpoint: outputs, metrics, plots"),
+                        ("analyze", "fit the post-hoc settings on validation and score test with CIs, from the pass"),
+                        ("export", "assemble each backbone's served model folder (ROAD, gallery, card)")):
+        stage_parser = commands.add_parser(stage, help=text)
+        stage_parser.add_argument("run_dir", help="a run folder written by train.py")
+        if stage == "export":
+            stage_parser.add_argument("--push-to-hub", metavar="ORG/PREFIX",
+                                      help="then push each export to ORG/PREFIX-<backbone> (token: HF_TOKEN)")
+            stage_parser.add_argument("--private", action="store_true", help="create the Hub repos as private")
     predict = commands.add_parser("predict", help="classify images and write Grad-CAM overlays")
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--model", required=True, help="model folder or hf-hub:ORG/NAME[@REVISION]")
@@ -41,6 +54,8 @@ def main(argv=None) -> int:
     publish.add_argument("--bundle", help="the backbone to bundle as the offline demo model (default: keep the "
                                             "bundled model)")
     publish.add_argument("--repo", default=".", help="repository root (default: .)")
+    publish.add_argument("--force", action="store_true",
+                         help="bundle the model even if it scores below the bundled one")
     sweep = commands.add_parser("sweep-table", help="README's table of a committed settings sweep")
     sweep.add_argument("folder", help="results/NAME: one folder per run with config.json and trainer_state.json")
     sweep.add_argument("--reference", default="base", help="the run the others are compared with (default: base)")
@@ -58,8 +73,11 @@ def main(argv=None) -> int:
         write_readme_block(Path(args.repo), Path(args.folder).name, sweep_markdown(Path(args.folder), args.reference))
         return 0
     if args.command == "publish":
-        publish_run(Path(args.run_dir), args.bundle, Path(args.repo))
+        publish_run(Path(args.run_dir), args.bundle, Path(args.repo), args.force)
         return 0
+    if args.command in ("evaluate", "analyze", "export"):
+        return run_stage(args.command, Path(args.run_dir), getattr(args, "push_to_hub", None),
+                         getattr(args, "private", False))
 
     predictor = Predictor(args.model)
     if args.explain and args.explain not in predictor.label_names:
@@ -87,11 +105,39 @@ def main(argv=None) -> int:
     return 1 if failures else 0
 
 
-RESULT_FILES = ("metrics.json", "explain_faithfulness.json", "analysis.json", "confusion_matrix.png", "roc_curves.png",
-                "training_curves.png", "gradcam_gallery.png", "reliability_diagram.png",
+def run_stage(stage: str, run_dir: Path, push_prefix: str | None = None, private: bool = False) -> int:
+    """One stage over every backbone of a run. Evaluate runs in every process (under accelerate launch);
+    analyze and export run in the main process."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg, run_info = read_run(run_dir)
+        data = load_run_data(run_dir, cfg)
+    except RunFolderError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if stage == "evaluate":
+        accelerator = make_accelerator(cfg.train)
+        for name in cfg.backbones:
+            evaluate_backbone(name, cfg, data, accelerator, run_dir)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return 0
+    for name in cfg.backbones:
+        if stage == "analyze":
+            analyze_backbone(name, cfg, data, run_dir)
+        else:
+            export_backbone(name, cfg, data, run_info, run_dir)
+    if stage == "analyze":
+        comparison = write_comparison([read_backbone_row(run_dir / name) for name in cfg.backbones], run_dir)
+        print((run_dir / "comparison.md").read_text())
+        print(f"best on validation: {comparison['best_backbone']}")
+    return push_run(run_dir, cfg.backbones, push_prefix, private) if push_prefix else 0
+
+
+RESULT_FILES = ("metrics.json", "explain_faithfulness.json", "analysis.json", "posthoc.json", "confusion_matrix.png",
+                "roc_curves.png", "training_curves.png", "gradcam_gallery.png", "reliability_diagram.png",
                 # per image (ids, labels, calibrated probabilities, decision): every analysed number can be redone
                 "predictions_calibrated_validation.csv", "predictions_calibrated_test.csv")
-BUNDLE_FILES = ("config.json", "model.safetensors", "README.md", "examples.json", OOD_FILE)
+BUNDLE_FILES = ("config.json", "model.safetensors", "README.md", "examples.json", "analysis.json", OOD_FILE)
 
 
 def results_markers(run_name: str) -> tuple[str, str]:
@@ -115,11 +161,32 @@ def write_readme_block(repo: Path, name: str, text: str) -> None:
     (repo / "README.md").write_text(readme[:start] + "\n" + text + "\n" + readme[end:])
 
 
-def publish_run(run_dir: Path, bundle: str | None, repo: Path) -> None:
+def served_balanced_accuracy(model_dir: Path) -> float:
+    """The test balanced accuracy of a model folder's served call, from the analysis it ships with."""
+    return json.loads((model_dir / "analysis.json").read_text())["test_final"]["balanced_accuracy"]
+
+
+def check_bundle_is_no_worse(run_dir: Path, bundle: str, repo: Path, force: bool) -> None:
+    """Refuse to replace a bundled model with one whose served test balanced accuracy is lower, unless forced."""
+    new = served_balanced_accuracy(run_dir / bundle / "export")
+    for current in sorted((repo / "models").glob("dermadetect-*")):
+        old = served_balanced_accuracy(current)
+        if new < old and not force:
+            raise SystemExit(f"{run_dir / bundle} scores test balanced accuracy {new:.3f} as served, below the "
+                             f"bundled {current.name}'s {old:.3f}: nothing was changed. Pass --force to bundle "
+                             "it anyway")
+        if new < old:
+            print(f"warning: bundling {bundle} ({new:.3f}) in place of {current.name} ({old:.3f}) (--force)",
+                  file=sys.stderr)
+
+
+def publish_run(run_dir: Path, bundle: str | None, repo: Path, force: bool = False) -> None:
     """Copy a run's results (no images of the data) into results/<run>/ and its results table into README.md
     (between the run's markers); with `bundle`, also that backbone's export into models/dermadetect-<bundle>/
-    and its card into model_card.md. Everything copied was written by train.py."""
+    (the one bundled model) and its card into model_card.md. Everything copied was written by train.py."""
     readme_block_span((repo / "README.md").read_text(), run_dir.name)  # fail before anything is copied
+    if bundle is not None:
+        check_bundle_is_no_worse(run_dir, bundle, repo, force)
     results = repo / "results" / run_dir.name
     results.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "comparison.json", "comparison.md", "splits.csv", "comparison.png"):
@@ -134,11 +201,12 @@ def publish_run(run_dir: Path, bundle: str | None, repo: Path) -> None:
     write_readme_block(repo, run_dir.name, results_markdown(comparison, f"results/{run_dir.name}/comparison.json"))
     if bundle is None:
         return
+    for previous in (repo / "models").glob("dermadetect-*"):
+        shutil.rmtree(previous)
     models = repo / "models" / f"dermadetect-{bundle}"
-    models.mkdir(parents=True, exist_ok=True)
+    models.mkdir(parents=True)
     for name in BUNDLE_FILES:  # examples/ stays behind: the app finds those images in DERMADETECT_DATA
-        if name != OOD_FILE or (run_dir / bundle / "export" / name).is_file():
-            shutil.copy2(run_dir / bundle / "export" / name, models / name)
+        shutil.copy2(run_dir / bundle / "export" / name, models / name)
     shutil.copy2(models / "README.md", repo / "model_card.md")
 
 if __name__ == "__main__":

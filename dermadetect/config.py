@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
 DEFAULT_BACKBONES = ("resnet18", "efficientnet_b0", "convnextv2_nano")
 DEFAULT_HUB_DATASET = "marmal88/skin_cancer"
@@ -24,23 +23,18 @@ class DataConfig:
     image_size: int | None = None        # None: the backbone's own input size
     num_workers: int = 2
     rotation_degrees: float = 180.0      # dermoscopy has no canonical "up"
-    color_constancy: str = "none"        # "shades_of_gray": neutralise each image's colour cast (train and eval)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     pretrained: bool = True              # ImageNet weights through timm (the Hub)
-    pretrained_file: str | None = None   # local weights file instead of the Hub, for every backbone
-    pretrained_files: dict[str, str] = field(default_factory=dict)  # per backbone; wins over pretrained_file
+    pretrained_files: dict[str, str] = field(default_factory=dict)  # local ImageNet weights per backbone
     drop_rate: float = 0.2
-
-    def weights_file(self, backbone: str) -> str | None:
-        return self.pretrained_files.get(backbone) or self.pretrained_file
 
     def init_description(self, backbone: str) -> str:
         """How `backbone` starts: what every results table must say."""
-        if self.weights_file(backbone):
-            return f"ImageNet (file {Path(self.weights_file(backbone)).name})"
+        if backbone in self.pretrained_files:
+            return f"ImageNet (file {self.pretrained_files[backbone].rsplit('/', 1)[-1]})"
         return "ImageNet (timm, Hub)" if self.pretrained else "random (from scratch)"
 
 
@@ -55,19 +49,13 @@ class TrainConfig:
     warmup_epochs: int = 1
     min_lr: float = 1e-6
     label_smoothing: float = 0.0
-    mixup: float = 0.0                   # mixup alpha (Zhang et al. 2018); 0: off
-    cutmix: float = 0.0                  # cutmix alpha (Yun et al. 2019); with mixup, each batch uses one of the two
-    ema_decay: float = 0.0               # exponential moving average of the weights; 0: off. When on, validation,
-                                         # best/ and every score use the averaged weights
-    layer_decay: float | None = None     # lr x layer_decay per layer group below the head (timm); None: one lr
     class_weighting: str = "none"        # "none", "balanced" (inverse class frequency) or "sqrt" (its root)
-    class_sampling: str = "none"         # the same choices, applied by drawing training images instead of
-                                         # weighting the loss; both at once multiply
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"          # "no", "fp16", "bf16"
     max_steps: int | None = None         # cap on optimizer steps per backbone (small runs)
     seed: int = 42
     explain_images: int = 16             # validation images for the ROAD faithfulness of each CAM method
+    bootstrap_resamples: int = 1000      # lesion resamples for the test metrics' confidence intervals
 
 
 @dataclass(frozen=True)
@@ -88,7 +76,7 @@ class RunConfig:
         kwargs = {}
         for key, value in values.items():
             if key in sections:
-                kwargs[key] = _build(sections[key], value, where=key)
+                kwargs[key] = _build(sections[key], value or {}, where=key)
             elif key in {f.name for f in dataclasses.fields(cls)}:
                 kwargs[key] = tuple(value) if key == "backbones" else value
             else:
@@ -116,3 +104,9 @@ def replace_nested(config: RunConfig, **sections: dict) -> RunConfig:
         else:
             changes[name] = values
     return dataclasses.replace(config, **changes)
+
+
+def section_fields() -> dict[str, str]:
+    """Every settings field name -> its section ("data", "model", "train"): what a flag of that name sets."""
+    return {f.name: section for section, cls in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig))
+            for f in dataclasses.fields(cls)}

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.utils.class_weight import compute_class_weight
 from timm.data import create_transform, resolve_model_data_config
 from torchvision import transforms as T
 
-from .color import with_color_constancy
 from .config import DataConfig
 from .labels import HAM10000_CLASSES
 
@@ -382,9 +382,7 @@ def build_transforms(model: torch.nn.Module, cfg: DataConfig) -> tuple[T.Compose
     train_tf = T.Compose([T.RandomRotation(cfg.rotation_degrees)] + list(train_tf.transforms))
     eval_tf = create_transform(**common, is_training=False, crop_pct=data_config["crop_pct"],
                                crop_mode=data_config.get("crop_mode", "center"))
-    # colour constancy comes first, so the rotation's black corners do not enter the illuminant estimate
-    return (with_color_constancy(train_tf, cfg.color_constancy), with_color_constancy(eval_tf, cfg.color_constancy),
-            data_config)
+    return train_tf, eval_tf, data_config
 
 
 def as_torch_dataset(table: datasets.Dataset, label_names: tuple[str, ...], transform) -> datasets.Dataset:
@@ -398,41 +396,20 @@ def as_torch_dataset(table: datasets.Dataset, label_names: tuple[str, ...], tran
     return table.select_columns(["image", "dx"]).with_transform(apply)
 
 
-CLASS_REBALANCING = ("none", "balanced", "sqrt")
+CLASS_WEIGHTING = ("none", "balanced", "sqrt")
 
 
-def class_weights(counts: np.ndarray, mode: str) -> np.ndarray:
-    """Per-class weights from class counts: "balanced" is the inverse class frequency (mean 1 over images),
-    "sqrt" its square root, "none" all ones. The loss weights and the sampler share them."""
-    if mode not in CLASS_REBALANCING:
-        raise ValueError(f"unknown class rebalancing {mode!r}; choose one of {CLASS_REBALANCING}")
-    counts = np.maximum(np.asarray(counts, dtype=np.float64), 1)
-    balanced = counts.sum() / (len(counts) * counts)
-    # "sqrt" softens it: full inverse weights up-weight df 70x relative to nv on HAM10000
-    return {"none": np.ones_like(balanced), "balanced": balanced, "sqrt": np.sqrt(balanced)}[mode]
-
-
-class EpochSeededWeightedSampler(torch.utils.data.WeightedRandomSampler):
-    """torch's WeightedRandomSampler (with replacement) whose draws depend only on (seed, epoch).
-
-    Accelerate leaves samplers other than RandomSampler in place and forwards `set_epoch` to them, so each
-    epoch's draws are reproducible and `--resume` repeats them exactly.
-    """
-
-    def __init__(self, weights, num_samples: int, seed: int):
-        super().__init__(weights, num_samples, replacement=True, generator=torch.Generator())
-        self.seed = seed
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed(self.seed + epoch)
-
-
-def class_balanced_sampler(labels: np.ndarray, num_classes: int, mode: str, seed: int) -> EpochSeededWeightedSampler:
-    """Draw as many images per epoch as there are, each with probability proportional to its class weight:
-    "balanced" makes every class equally frequent, "sqrt" makes class frequencies follow sqrt(count)."""
-    weights = class_weights(np.bincount(labels, minlength=num_classes), mode)[labels]
-    return EpochSeededWeightedSampler(torch.as_tensor(weights, dtype=torch.double), len(labels), seed)
+def class_weights(labels: np.ndarray, num_classes: int, mode: str) -> np.ndarray:
+    """Loss weights per class: "balanced" is scikit-learn's inverse class frequency, "sqrt" its square root
+    (full inverse weights up-weight df 70x relative to nv on HAM10000), "none" all ones. A class without
+    training images keeps weight 1: it never occurs in the loss."""
+    if mode not in CLASS_WEIGHTING:
+        raise ValueError(f"unknown class weighting {mode!r}; choose one of {CLASS_WEIGHTING}")
+    weights = np.ones(num_classes)
+    if mode != "none":
+        present = np.unique(labels)
+        weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+    return np.sqrt(weights) if mode == "sqrt" else weights
 
 
 def collate(examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed  # noqa: F401  (r
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
+from .posthoc import forward_views
 
 STATE_DIR = "state"
 TRAINER_STATE = "trainer_state.json"
@@ -51,57 +52,54 @@ class TrainerState:
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator: Accelerator,
-                    state: TrainerState, max_steps: int | None, mix=None, ema=None) -> dict[str, float]:
+                    state: TrainerState, max_steps: int | None) -> dict[str, float]:
     """One pass over the training loader; returns mean loss, images seen and seconds on this process's
-    view, with the loss averaged across processes. `mix` (timm Mixup) turns each batch into mixed images with
-    soft targets; `ema` (timm ModelEmaV3) is updated after every optimizer step."""
+    view, with the loss averaged across processes."""
     model.train()
     total_loss = torch.zeros((), device=accelerator.device)
     batches, images = 0, 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}", leave=False, disable=not accelerator.is_main_process)
+    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}: train", leave=False, disable=not accelerator.is_main_process)
     for inputs, targets in bar:
         with accelerator.accumulate(model):
-            # Mixup returns soft targets; CrossEntropyLoss takes them with the same class weights
-            inputs, soft_targets = mix(inputs, targets) if mix else (inputs, targets)
-            loss = loss_fn(model(inputs), soft_targets)
+            loss = loss_fn(model(inputs), targets)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad()
         if accelerator.sync_gradients:
             state.global_step += 1
             scheduler.step_update(num_updates=state.global_step)
-            if ema is not None:
-                ema.update(accelerator.unwrap_model(model), step=state.global_step)
         total_loss += loss.detach()
         batches += 1
         images += targets.numel()
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{max_lr(optimizer):.2e}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         if max_steps and state.global_step >= max_steps:
             break
     seconds = time.perf_counter() - start
     mean_loss = accelerator.reduce(total_loss / max(batches, 1), reduction="mean").item()
     all_images = int(accelerator.reduce(torch.tensor(images, device=accelerator.device), reduction="sum"))
     return {"train_loss": mean_loss, "train_images": all_images, "train_seconds": seconds,
-            "lr": max_lr(optimizer)}
-
-
-def max_lr(optimizer) -> float:
-    """The head's learning rate: with layer decay the groups below it get less."""
-    return max(group["lr"] for group in optimizer.param_groups)
+            "lr": optimizer.param_groups[0]["lr"]}
 
 
 @torch.inference_mode()
-def predict(model, loader, accelerator: Accelerator) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities, labels) for the whole loader, gathered from every process without duplicates."""
+def collect_outputs(model, loader, accelerator: Accelerator, views: int = 1, desc: str = "eval") -> dict[str, np.ndarray]:
+    """The one evaluation pass: logits of every view (N, views, C), penultimate features of view 0 (N, D) and
+    labels (N,) of a prepared loader, on the accelerator's device, gathered from every process without
+    duplicates. Every metric, calibration and threshold is derived from these arrays."""
     model.eval()
-    all_probs, all_labels = [], []
-    for inputs, targets in tqdm(loader, desc="eval", leave=False, disable=not accelerator.is_main_process):
-        probs = model(inputs).float().softmax(dim=1)
-        probs, targets = accelerator.gather_for_metrics((probs, targets))
-        all_probs.append(probs.cpu())
-        all_labels.append(targets.cpu())
-    return torch.cat(all_probs).numpy(), torch.cat(all_labels).numpy()
+    network = accelerator.unwrap_model(model)  # forward_features/forward_head live on the timm module
+    logits, features, labels = [], [], []
+    bar = tqdm(loader, desc=f"{desc} x {views} view(s)", leave=False, disable=not accelerator.is_main_process)
+    for pixels, targets in bar:
+        with accelerator.autocast():
+            _, z, f = forward_views(network, pixels, views)
+        z, f, targets = accelerator.gather_for_metrics((z.float().contiguous(), f.float().contiguous(), targets))
+        logits.append(z.cpu())
+        features.append(f.cpu())
+        labels.append(targets.cpu())
+    return {"logits": torch.cat(logits).numpy(), "features": torch.cat(features).numpy(),
+            "labels": torch.cat(labels).numpy()}
 
 
 def save_checkpoint(accelerator: Accelerator, state: TrainerState, backbone_dir: Path) -> None:

@@ -21,11 +21,10 @@ from pytorch_grad_cam.metrics.road import ROADCombined
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
 from .models import target_layer
-from .posthoc import dihedral_batch
+from .posthoc import DEFAULT_CAM_METHOD, PostHocSettings, forward_views
 
 CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM,
                "layercam": LayerCAM, "eigencam": EigenCAM}
-DEFAULT_METHOD = "gradcam"
 
 
 @dataclass(frozen=True)
@@ -41,17 +40,18 @@ class CamExplainer:
     """Probabilities and a CAM for one preprocessed image, from one forward pass. Thread-safe: it keeps no
     per-call state (no hooks; every call has its own leaf tensor).
 
-    With `views` > 1 the probabilities average the logits of the dihedral views (test-time augmentation),
-    computed in the same batched pass; the CAM explains the original view. `logit_offsets` (one per class,
-    added to the temperature-scaled logits) move the decision, not the probabilities."""
+    The settings apply as served: with tta_views > 1 the probabilities average the logits of the dihedral
+    views (test-time augmentation), computed in the same batched pass, and the CAM explains the original view;
+    the temperature scales the logits; the logit offsets of the class-balanced decision move the call, not the
+    probabilities."""
 
-    def __init__(self, model: torch.nn.Module, architecture: str, temperature: float = 1.0, views: int = 1,
-                 logit_offsets: np.ndarray | None = None):
+    def __init__(self, model: torch.nn.Module, architecture: str, settings: PostHocSettings = PostHocSettings()):
         self.model = model.eval().requires_grad_(False)
         self.layer = target_layer(model, architecture)
-        self.temperature = temperature
-        self.views = views
-        self.logit_offsets = 0.0 if logit_offsets is None else np.asarray(logit_offsets, dtype=np.float64)
+        self.temperature = settings.temperature
+        self.views = settings.tta_views
+        offsets = settings.logit_offsets()
+        self.logit_offsets = 0.0 if offsets is None else offsets
         # pytorch-grad-cam objects used for their CAM arithmetic only: their hooks are removed at once
         self._cams = {}
         for name, cls in CAM_METHODS.items():
@@ -60,14 +60,13 @@ class CamExplainer:
             self._cams[name] = cam
 
     def __call__(self, pixels: torch.Tensor, class_index: int | None = None,
-                 method: str = DEFAULT_METHOD) -> Explanation:
+                 method: str = DEFAULT_CAM_METHOD) -> Explanation:
         if method not in self._cams:
             raise ValueError(f"unknown CAM method {method!r}; choose one of {sorted(self._cams)}")
         cam_obj = self._cams[method]
         with torch.no_grad():
-            all_features = self.model.forward_features(dihedral_batch(pixels, self.views))
-            view_logits = self.model.forward_head(all_features).float()
-            pre_logits = self.model.forward_head(all_features[:1], pre_logits=True).float()[0].numpy()
+            all_features, view_logits, pre_logits = forward_views(self.model, pixels[:1], self.views)
+        view_logits, pre_logits = view_logits[0], pre_logits[0].numpy()
         scaled = view_logits.mean(dim=0) / self.temperature
         probs = scaled.softmax(dim=0).numpy()
         decision = int(np.argmax(scaled.double().numpy() + self.logit_offsets))

@@ -7,7 +7,6 @@ pretrained_cfg that reproduces the eval transform) and `model.safetensors`. Noth
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +18,14 @@ from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError,
 from timm.data import resolve_model_data_config
 from timm.models import get_pretrained_cfg, save_for_hf
 
-from .config import ModelConfig
 from .labels import readable_name
+from .posthoc import OOD_FILE, MahalanobisDetector, PostHocSettings, SettingsError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 HUB_PREFIX = "hf-hub:"
+EXPORT_LICENSE = "cc-by-nc-4.0"   # the terms of the training data (HAM10000)
+EXPORT_TAG = "ham10000"
 
 
 class ModelSourceError(RuntimeError):
@@ -40,18 +41,22 @@ class LoadedModel:
     folder: Path
     source: str
     config: dict
+    settings: PostHocSettings
+    ood: MahalanobisDetector | None
 
 
 def export_for_hub(model: torch.nn.Module, architecture: str, label_names, data_config: dict,
-                   out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write model.safetensors and config.json (timm's format) so that the Predictor and
-    `timm.create_model("local-dir:...", pretrained=True)` rebuild the same model and eval transform."""
+                   out_dir: str | Path, settings: PostHocSettings) -> Path:
+    """Write model.safetensors and config.json (timm's format, with the post-hoc settings under "dermadetect")
+    so that the Predictor and `timm.create_model("local-dir:...", pretrained=True)` rebuild the same model and
+    eval transform."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_config = {"label_names": list(label_names),
-                    "label_descriptions": {name: readable_name(name) for name in label_names}}
-    if extra:
-        model_config["dermadetect"] = extra
+                    "label_descriptions": {name: readable_name(name) for name in label_names},
+                    # these weights' own terms and name, not those of the ImageNet checkpoint they started from
+                    "pretrained_cfg": {"license": EXPORT_LICENSE, "tag": EXPORT_TAG},
+                    "dermadetect": settings.to_json()}
     keep = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
     save_for_hf(model, str(out_dir), model_config=model_config, safe_serialization=True,
                 data_config={k: data_config[k] for k in keep if k in data_config})
@@ -59,14 +64,6 @@ def export_for_hub(model: torch.nn.Module, architecture: str, label_names, data_
     if config["architecture"] != architecture.split(".")[0]:
         raise ValueError(f"exported architecture {config['architecture']} is not {architecture}")
     return out_dir
-
-
-def update_export_config(out_dir: str | Path, **fields) -> None:
-    """Add DermaDetect's own settings (CAM method, temperature, ...) under "dermadetect" in config.json."""
-    path = Path(out_dir) / CONFIG_FILE
-    config = json.loads(path.read_text())
-    config.setdefault("dermadetect", {}).update(fields)
-    path.write_text(json.dumps(config, indent=2))
 
 
 def resolve_folder(source: str) -> tuple[Path, str]:
@@ -81,8 +78,7 @@ def resolve_folder(source: str) -> tuple[Path, str]:
         if not (folder / CONFIG_FILE).is_file():
             raise ModelSourceError(f"{folder} has no {CONFIG_FILE} (timm's model config)")
         return folder, str(folder)
-    repo_id, _, revision = source[len(HUB_PREFIX):].partition("@")
-    revision = revision or None
+    repo_id, revision = _hub_ref(source)
     config_path = _download(repo_id, CONFIG_FILE, revision)
     _download(repo_id, WEIGHTS_FILE, revision)
     return Path(config_path).parent, source
@@ -107,31 +103,35 @@ def _download(repo_id: str, filename: str, revision: str | None) -> str:
                                f"{CONFIG_FILE} are loaded") from exc
 
 
-def _companion_file(source: str, folder: Path, filename: str) -> Path:
-    """A file config.json names besides the weights (e.g. the OOD detector), fetched like the weights."""
-    if source.startswith(HUB_PREFIX):
-        repo_id, _, revision = source[len(HUB_PREFIX):].partition("@")
-        return Path(_download(repo_id, filename, revision or None))
-    if not (folder / filename).is_file():
-        raise ModelSourceError(f"{folder}: {CONFIG_FILE} names {filename}, which is missing; copy the whole "
-                               "exported folder")
-    return folder / filename
-
-
 def load_model(source: str) -> LoadedModel:
     """Build the model described by a model folder or Hub repo, with its labels and eval data config."""
     folder, described = resolve_folder(source)
     config = json.loads((folder / CONFIG_FILE).read_text())
     if not config.get("label_names"):
         raise ModelSourceError(f"{described}: {CONFIG_FILE} has no label_names")
-    ood = config.get("dermadetect", {}).get("ood")
-    if ood:
-        _companion_file(source, folder, ood["file"])
+    try:
+        settings = PostHocSettings.from_json(config.get("dermadetect"), f"{described}: {CONFIG_FILE}")
+    except SettingsError as exc:
+        raise ModelSourceError(str(exc)) from exc
+    ood = None
+    if settings.ood_threshold is not None:
+        ood_path = (Path(_download(*_hub_ref(source), OOD_FILE)) if source.startswith(HUB_PREFIX)
+                    else folder / OOD_FILE)
+        if not ood_path.is_file():
+            raise ModelSourceError(f"{described}: {CONFIG_FILE} sets an out-of-distribution threshold but "
+                                   f"{OOD_FILE} is missing; copy the whole exported folder")
+        ood = MahalanobisDetector.load(ood_path, settings.ood_threshold)
     model = timm.create_model(f"local-dir:{folder}", pretrained=True)
     model.eval()
     return LoadedModel(model=model, architecture=config["architecture"],
                        label_names=tuple(config["label_names"]), data_config=resolve_model_data_config(model),
-                       folder=folder, source=described, config=config)
+                       folder=folder, source=described, config=config, settings=settings, ood=ood)
+
+
+def _hub_ref(source: str) -> tuple[str, str | None]:
+    """hf-hub:ORG/NAME[@REVISION] -> (repo id, revision or None)."""
+    repo_id, _, revision = source[len(HUB_PREFIX):].partition("@")
+    return repo_id, revision or None
 
 
 # ---------------------------------------------------------------- model card
@@ -149,8 +149,7 @@ def model_card(metrics: dict, run_info: dict, repo_id: str | None = None) -> Mod
     config = run_info["config"]
     test = metrics["test"]
     hub_dataset = config["data"]["dataset"]
-    model_cfg = ModelConfig(**config["model"])
-    hub_start = model_cfg.pretrained and not model_cfg.weights_file(backbone)
+    hub_start = config["model"]["pretrained"] and backbone not in config["model"]["pretrained_files"]
     base_model = getattr(get_pretrained_cfg(backbone), "hf_hub_id", None) if hub_start else None
     data = ModelCardData(
         license="cc-by-nc-4.0", library_name="timm", pipeline_tag="image-classification",
@@ -171,11 +170,6 @@ def model_card(metrics: dict, run_info: dict, repo_id: str | None = None) -> Mod
     summary = "\n".join(f"| {name} | {_num(metrics['validation'].get(key))} | {_num(test.get(key))} |"
                         for key, name in CARD_METRICS)
     command = " ".join(run_info.get("command", []))
-    constancy = config["data"].get("color_constancy", "none")  # absent from runs made before the option
-    colour = f", colour constancy {constancy} (applied to uploads too)" if constancy != "none" else ""
-    sampling = config["train"].get("class_sampling", "none")
-    rebalancing = f"class weighting {config['train']['class_weighting']}" + (
-        f", class-balanced sampling {sampling}" if sampling != "none" else "")
     body = f"""
 # DermaDetect {backbone}
 
@@ -207,8 +201,8 @@ that shows how such a classifier behaves, including where it fails.
   validation balanced accuracy; the test split was scored once, at the end.
 - Recipe: {config['train']['epochs']} epochs, batch {config['train']['batch_size']}, {config['train']['optimizer']}
   lr {config['train']['lr']}, weight decay {config['train']['weight_decay']}, {config['train']['scheduler']} schedule,
-  label smoothing {config['train']['label_smoothing']}, {rebalancing},
-  input {metrics['data_config']['input_size'][1]} px{colour}.
+  label smoothing {config['train']['label_smoothing']}, class weighting {config['train']['class_weighting']},
+  input {metrics['data_config']['input_size'][1]} px.
 - Command: `{command}`
 
 ## Results
@@ -263,15 +257,12 @@ def analysis_section(analysis: dict | None) -> str:
         f"{g['melanomas']} | {_num(g['melanoma_sensitivity'])} |"
         for column, entries in analysis["subgroups"].items() for g in entries)
     tta = analysis["tta"]
-    decision = analysis.get("decision")  # absent in runs analysed before the decision rule existed: argmax
-    if decision is None:
-        decision_line = "- Decision: the most probable class (argmax)."
-    else:
-        tried = "; ".join(f"{s}: {v:.3f}" for s, v in decision["validation_balanced_accuracy"].items())
-        argmax, final = decision["test_argmax"], analysis["test_final"]
-        change = ", ".join(f"{label} {_num(argmax[key])} -> {_num(final[key])}" for key, label in (
-            ("balanced_accuracy", "balanced accuracy"), ("accuracy", "accuracy"), ("f1_macro", "macro F1")))
-        decision_line = f"""- Decision: the class with the highest log P(class) - {decision['strength']:g} * log(its share of the
+    decision = analysis["decision"]
+    tried = "; ".join(f"{s}: {v:.3f}" for s, v in decision["validation_balanced_accuracy"].items())
+    argmax, final = decision["test_argmax"], analysis["test_final"]
+    change = ", ".join(f"{label} {_num(argmax[key])} -> {_num(final[key])}" for key, label in (
+        ("balanced_accuracy", "balanced accuracy"), ("accuracy", "accuracy"), ("f1_macro", "macro F1")))
+    decision_line = f"""- Decision: the class with the highest log P(class) - {decision['strength']:g} * log(its share of the
   training images), which weighs the rarer classes up; the strength was chosen on validation balanced accuracy
   (s {tried}). On test, plain argmax -> this decision: {change} (more of the common class is called something
   else). The probabilities themselves are unchanged."""
@@ -336,20 +327,3 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
 
 class HubPushError(RuntimeError):
     """Uploading to the Hub failed; the local export is complete."""
-
-
-def complete_export(out_dir: str | Path, metrics: dict, run_info: dict, plots=(), examples=(),
-                    repo_id: str | None = None) -> None:
-    """Add the model card (README.md), the report plots and `examples/` (+ examples.json) to an export."""
-    out_dir = Path(out_dir)
-    for plot in plots:
-        shutil.copy2(plot, out_dir / Path(plot).name)
-    if examples:
-        (out_dir / "examples").mkdir(exist_ok=True)
-        listing = []
-        for image, label, image_id in examples:
-            name = f"examples/{image_id}.jpg"
-            image.convert("RGB").save(out_dir / name, quality=95)
-            listing.append({"file": name, "label": label})
-        (out_dir / "examples.json").write_text(json.dumps(listing, indent=1))
-    model_card(metrics, run_info, repo_id).save(out_dir / "README.md")

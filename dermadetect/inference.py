@@ -16,11 +16,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
 
-from .color import with_color_constancy
-from .explain import DEFAULT_METHOD, CamExplainer, cam_on_image
+from .explain import CamExplainer, cam_on_image
 from .hub import LoadedModel, load_model
-from .labels import readable_name
-from .posthoc import MahalanobisDetector, logit_offsets
+from .labels import melanoma_index, readable_name
 
 ACCEPTED_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP", "TIFF": "TIFF",
                     "GIF": "GIF"}
@@ -136,20 +134,12 @@ class Predictor:
         self.loaded = source if isinstance(source, LoadedModel) else load_model(source)
         self.label_names = self.loaded.label_names
         self.data_config = self.loaded.data_config
-        settings = self.loaded.config.get("dermadetect", {})
-        self.transform = with_color_constancy(create_transform(**self.data_config, is_training=False),
-                                              settings.get("color_constancy", "none"))
-        # fitted on validation after training (dermadetect.study); absent in older exports: plain softmax, argmax
-        adjustment = settings.get("logit_adjustment")
-        self.explainer = CamExplainer(self.loaded.model, self.loaded.architecture, settings.get("temperature", 1.0),
-                                      int(settings.get("tta_views", 1)),
-                                      logit_offsets(adjustment["class_prior"], adjustment["strength"])
-                                      if adjustment else None)
-        self.default_method = settings.get("cam_method", DEFAULT_METHOD)
-        self.melanoma_threshold = settings.get("melanoma_threshold")
-        ood = settings.get("ood")
-        self.ood = (MahalanobisDetector.load(self.loaded.folder / ood["file"], ood["threshold"])
-                    if ood else None)
+        self.settings = self.loaded.settings
+        self.transform = create_transform(**self.data_config, is_training=False)
+        self.explainer = CamExplainer(self.loaded.model, self.loaded.architecture, self.settings)
+        self.default_method = self.settings.cam_method
+        self.melanoma_index = melanoma_index(self.label_names)
+        self.ood = self.loaded.ood
         self.max_pixels = max_pixels
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -166,8 +156,9 @@ class Predictor:
         result = self.explainer(self.preprocess(image), class_index, method or self.default_method)
         probabilities = {name: float(p) for name, p in zip(self.label_names, result.probabilities)}
         ood_score = float(self.ood.score(result.pre_logits[None])[0]) if self.ood else None
-        melanoma_flag = (probabilities["mel"] >= self.melanoma_threshold
-                         if self.melanoma_threshold is not None and "mel" in probabilities else None)
+        threshold = self.settings.melanoma_threshold
+        melanoma_flag = (bool(result.probabilities[self.melanoma_index] >= threshold)
+                         if threshold is not None and self.melanoma_index is not None else None)
         return Prediction(probabilities=probabilities,
                           top_label=self.label_names[result.decision],
                           explained_label=self.label_names[result.class_index], cam=result.cam,

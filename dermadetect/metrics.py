@@ -6,8 +6,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
-                             precision_recall_fscore_support, roc_auc_score)
+from sklearn.metrics import (accuracy_score, confusion_matrix, precision_recall_fscore_support, recall_score,
+                             roc_auc_score, roc_curve)
+
+
+def balanced_accuracy(y_true, y_pred) -> float:
+    """The ISIC 2018 ranking metric: mean recall over the classes present in y_true. It equals scikit-learn's
+    balanced_accuracy_score, which warns whenever a call names a class the sample lacks (routine in small
+    splits and bootstrap resamples)."""
+    return float(recall_score(y_true, y_pred, labels=np.unique(y_true), average="macro", zero_division=0))
+
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray, label_names,
                            melanoma_index: int | None = None, y_pred: np.ndarray | None = None) -> dict[str, float]:
@@ -23,7 +31,7 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, label_names,
     y_pred = probs.argmax(axis=1) if y_pred is None else np.asarray(y_pred)
     out = {"n": float(len(y_true)),
            "accuracy": accuracy_score(y_true, y_pred),
-           "balanced_accuracy": balanced_accuracy_score(y_true, y_pred)}  # the ISIC 2018 ranking metric
+           "balanced_accuracy": balanced_accuracy(y_true, y_pred)}
     for average in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=np.unique(y_true),
                                                      average=average, zero_division=0)
@@ -73,49 +81,48 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> d
 def threshold_for_sensitivity(scores: np.ndarray, positives: np.ndarray, target: float) -> float:
     """The highest threshold t with sensitivity(score >= t) >= target: the operating point that meets the
     target with the fewest false positives on the data it is chosen on."""
-    positive_scores = np.sort(np.asarray(scores)[np.asarray(positives, dtype=bool)])[::-1]
-    if not len(positive_scores):
+    positives = np.asarray(positives, dtype=bool)
+    if not positives.any():
         raise ValueError("no positive cases to choose a threshold on")
-    needed = math.ceil(target * len(positive_scores) - 1e-9)
-    return float(positive_scores[max(needed, 1) - 1])
+    # roc_curve's thresholds fall in order and its tpr is the sensitivity of `score >= threshold`
+    _, tpr, thresholds = roc_curve(positives, scores, drop_intermediate=False)
+    return float(thresholds[np.argmax(tpr >= target - 1e-9)])
 
 
 def operating_point(scores: np.ndarray, positives: np.ndarray, threshold: float) -> dict:
     """Sensitivity, specificity, PPV and NPV of `score >= threshold`, with the counts behind them."""
     flagged = np.asarray(scores) >= threshold
-    positives = np.asarray(positives, dtype=bool)
-    tp, fp = int(np.sum(flagged & positives)), int(np.sum(flagged & ~positives))
-    fn, tn = int(np.sum(~flagged & positives)), int(np.sum(~flagged & ~positives))
+    tn, fp, fn, tp = (int(v) for v in confusion_matrix(np.asarray(positives, dtype=bool), flagged,
+                                                       labels=[False, True]).ravel())
     ratio = lambda a, b: a / (a + b) if a + b else None  # noqa: E731
     return {"threshold": float(threshold), "sensitivity": ratio(tp, fn), "specificity": ratio(tn, fp),
             "ppv": ratio(tp, fp), "npv": ratio(tn, fn), "tp": tp, "fp": fp, "tn": tn, "fn": fn}
 
 
-def bootstrap_intervals(labels, probs, groups, label_names, mel_threshold: float, resamples: int = 1000,
-                        seed: int = 0, predictions=None) -> dict:
+BOOTSTRAP_METRICS = ("balanced_accuracy", "accuracy", "f1_macro", "roc_auc_macro")
+
+
+def bootstrap_intervals(labels, probs, groups, label_names, melanoma_index: int | None, mel_threshold: float | None,
+                        resamples: int = 1000, seed: int = 0, predictions=None) -> dict:
     """Percentile 95% intervals of the test metrics, resampling whole lesions (images of one lesion are not
-    independent). Decisions: `predictions` if given, else the argmax of `probs`. Returns {metric: {"value",
+    independent): each resample is scored by `classification_metrics`, plus the melanoma operating point at
+    `mel_threshold`. Decisions: `predictions` if given, else the argmax of `probs`. Returns {metric: {"value",
     "low", "high"}}."""
-    # a loop rather than scipy.stats.bootstrap: that resamples observations, and undefined values (no melanoma
-    # in a resample) would need NaN handling it does not do
+    # a loop rather than scipy.stats.bootstrap: that resamples observations, not groups, and metrics that a
+    # resample leaves undefined (no melanoma in it) need dropping
     labels, probs, groups = np.asarray(labels), np.asarray(probs), np.asarray(groups)
     predictions = probs.argmax(axis=1) if predictions is None else np.asarray(predictions)
-    mel = list(label_names).index("mel")
-    classes = np.arange(len(label_names))
 
     def metrics(idx):
-        y, p, pred = labels[idx], probs[idx], predictions[idx]
-        out = {"balanced_accuracy": balanced_accuracy_score(y, pred), "accuracy": float(np.mean(pred == y)),
-               "f1_macro": f1_score(y, pred, labels=classes, average="macro", zero_division=0)}
-        aucs = [roc_auc_score(y == k, p[:, k]) for k in classes if 0 < np.sum(y == k) < len(y)]
-        out["roc_auc_macro"] = float(np.mean(aucs))
-        for k, name in enumerate(label_names):
-            if np.any(y == k):
-                out[f"recall/{name}"] = float(np.mean(pred[y == k] == k))
-        point = operating_point(p[:, mel], y == mel, mel_threshold)
-        out["melanoma_sensitivity_at_threshold"] = point["sensitivity"]
-        out["melanoma_specificity_at_threshold"] = point["specificity"]
-        return out
+        y, p = labels[idx], probs[idx]
+        full = classification_metrics(y, p, label_names, y_pred=predictions[idx])
+        out = {key: full[key] for key in BOOTSTRAP_METRICS}
+        out.update({f"recall/{name}": full[f"recall/{name}"] for name in label_names})
+        if melanoma_index is not None and mel_threshold is not None:
+            point = operating_point(p[:, melanoma_index], y == melanoma_index, mel_threshold)
+            out["melanoma_sensitivity_at_threshold"] = point["sensitivity"]
+            out["melanoma_specificity_at_threshold"] = point["specificity"]
+        return {k: v for k, v in out.items() if v is not None and not math.isnan(v)}
 
     point = metrics(np.arange(len(labels)))
     unique, inverse = np.unique(groups, return_inverse=True)
@@ -125,7 +132,7 @@ def bootstrap_intervals(labels, probs, groups, label_names, mel_threshold: float
     for _ in range(resamples):
         idx = np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))])
         for key, value in metrics(idx).items():
-            if value is not None:
+            if key in samples:
                 samples[key].append(value)
     return {key: {"value": point[key], "low": float(np.percentile(samples[key], 2.5)),
                   "high": float(np.percentile(samples[key], 97.5))} for key in point}

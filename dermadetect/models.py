@@ -46,10 +46,10 @@ def create_backbone(model_name: str, num_classes: int, cfg: ModelConfig) -> torc
     if not timm.is_model(model_name.split(".")[0]):
         raise ValueError(f"unknown timm model {model_name!r}; see timm.list_models()")
     kwargs = dict(num_classes=num_classes, drop_rate=cfg.drop_rate)
-    if cfg.weights_file(model_name):
-        path = Path(cfg.weights_file(model_name)).expanduser()
+    if model_name in cfg.pretrained_files:
+        path = Path(cfg.pretrained_files[model_name]).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"--pretrained-file {path} does not exist")
+            raise FileNotFoundError(f"--pretrained-files {model_name}={path}: the file does not exist")
         # timm loads the file and drops the 1000-class head when num_classes differs
         model = timm.create_model(model_name, pretrained=True,
                                   pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
@@ -62,8 +62,8 @@ def create_backbone(model_name: str, num_classes: int, cfg: ModelConfig) -> torc
     except Exception as exc:  # offline, no cache, or no pretrained tag for this name
         raise PretrainedWeightsError(
             f"could not get ImageNet weights for {model_name!r} from the Hugging Face Hub "
-            f"({type(exc).__name__}: {exc}). Either pass --pretrained-file PATH with a local weights file "
-            "(e.g. ../shared/weights/efficientnet_lite0.in1k.safetensors for efficientnet_lite0), "
+            f"({type(exc).__name__}: {exc}). Either pass --pretrained-files {model_name}=PATH with a local "
+            "weights file (e.g. efficientnet_lite0=../shared/weights/efficientnet_lite0.in1k.safetensors), "
             "or --no-pretrained to start from random weights.") from exc
 
 

@@ -7,20 +7,61 @@ penultimate features).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import scipy.special
 import torch
 from safetensors.torch import load_file, save_file
 from scipy.optimize import minimize_scalar
 from sklearn.covariance import LedoitWolf
-from sklearn.metrics import balanced_accuracy_score
+
+from .metrics import balanced_accuracy
 
 TTA_VIEWS = 8          # the dihedral group: 4 rotations by 90 degrees, each with and without a mirror flip
 OOD_FILE = "ood.safetensors"
 MELANOMA_TARGET_SENSITIVITY = 0.85   # the melanoma threshold is the highest P(mel) that catches this share
 ADJUSTMENT_STRENGTHS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+SCHEMA_VERSION = 1     # of the "dermadetect" section of an export's config.json
+DEFAULT_CAM_METHOD = "gradcam"
+
+
+class SettingsError(ValueError):
+    """A model's post-hoc settings are missing, from another schema version, or inconsistent."""
+
+
+@dataclass(frozen=True)
+class PostHocSettings:
+    """Everything a served model applies besides its weights, fitted on validation (or train) after training:
+    the "dermadetect" section of an export's config.json. The identity settings serve the network alone."""
+
+    temperature: float = 1.0
+    tta_views: int = 1
+    class_prior: tuple[float, ...] | None = None   # the training class shares the decision divides out
+    adjustment_strength: float = 0.0               # 0: the call is the argmax
+    melanoma_threshold: float | None = None        # None: no melanoma flag
+    ood_threshold: float | None = None             # None: no out-of-distribution guard (and no OOD_FILE)
+    cam_method: str = DEFAULT_CAM_METHOD
+    schema_version: int = SCHEMA_VERSION
+
+    def logit_offsets(self) -> np.ndarray | None:
+        return None if self.class_prior is None else logit_offsets(self.class_prior, self.adjustment_strength)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "class_prior": None if self.class_prior is None else list(self.class_prior)}
+
+    @classmethod
+    def from_json(cls, values: dict | None, where: str = "config.json") -> "PostHocSettings":
+        if not values or values.get("schema_version") != SCHEMA_VERSION:
+            found = (values or {}).get("schema_version")
+            raise SettingsError(f"{where} has no DermaDetect settings of schema version {SCHEMA_VERSION} (found "
+                                f"{found}); export the model again with `python -m dermadetect export RUN`")
+        fields = set(cls.__dataclass_fields__)
+        if set(values) != fields:
+            raise SettingsError(f"{where}: DermaDetect settings {sorted(set(values) ^ fields)} are missing or unknown")
+        prior = values["class_prior"]
+        return cls(**{**values, "class_prior": None if prior is None else tuple(float(p) for p in prior)})
 
 
 def dihedral_batch(pixels: torch.Tensor, views: int = TTA_VIEWS) -> torch.Tensor:
@@ -35,26 +76,25 @@ def dihedral_batch(pixels: torch.Tensor, views: int = TTA_VIEWS) -> torch.Tensor
     return torch.stack(out, dim=1).flatten(0, 1)
 
 
-@torch.no_grad()
-def model_outputs(model: torch.nn.Module, pixels: torch.Tensor, views: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits of every view (B, views, C) and the penultimate features of view 0 (B, D), one forward pass."""
+def forward_views(model: torch.nn.Module, pixels: torch.Tensor, views: int = 1
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one forward pass every prediction goes through: the feature maps of every view (B * views, ...),
+    the logits of every view (B, views, C) and the penultimate features of view 0 (B, D). No grad is taken
+    here; the caller decides (the CAM differentiates the head on the returned feature maps)."""
     features = model.forward_features(dihedral_batch(pixels, views))
     logits = model.forward_head(features).float()
-    first = features[::views] if views > 1 else features
-    pre_logits = model.forward_head(first, pre_logits=True).float()
-    return logits.view(len(pixels), views, -1), pre_logits
+    pre_logits = model.forward_head(features[::views], pre_logits=True).float()
+    return features, logits.view(len(pixels), views, -1), pre_logits
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    return scipy.special.softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=-1)
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
-    probs = softmax(logits, temperature)
-    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
+    """Mean negative log-likelihood of the labels under softmax(logits / T)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    return float(np.mean(scipy.special.logsumexp(z, axis=1) - z[np.arange(len(labels)), labels]))
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -82,16 +122,20 @@ def fit_adjustment_strength(probs: np.ndarray, labels: np.ndarray, class_prior,
                             strengths=ADJUSTMENT_STRENGTHS) -> tuple[float, dict[float, float]]:
     """The strength with the highest balanced accuracy on (validation) `probs`, the smallest on a tie, and the
     balanced accuracy of every strength tried. It changes the decision only, never the probabilities."""
-    scores = {float(s): float(balanced_accuracy_score(labels, adjusted_decisions(probs, class_prior, s)))
+    scores = {float(s): balanced_accuracy(labels, adjusted_decisions(probs, class_prior, s))
               for s in strengths}
     return max(scores, key=lambda s: (scores[s], -s)), scores
 
 
+def class_prior(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Each class's share of `labels`; a class absent from them counts once (its log would be -inf)."""
+    counts = np.maximum(np.bincount(labels, minlength=num_classes), 1)
+    return counts / counts.sum()
+
+
 def energy_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Out-of-distribution score from the logits alone (Liu et al. 2020): -T logsumexp(z / T); higher = stranger."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    top = z.max(axis=-1)
-    return -temperature * (top + np.log(np.exp(z - top[..., None]).sum(axis=-1)))
+    return -temperature * scipy.special.logsumexp(np.asarray(logits, dtype=np.float64) / temperature, axis=-1)
 
 
 @dataclass

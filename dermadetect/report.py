@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import matplotlib
@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E402
 
-from .config import RunConfig  # noqa: E402
+from .config import DataConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
 
 COMPARISON_COLUMNS = (
     ("balanced_accuracy", "Bal. acc"), ("accuracy", "Acc"), ("f1_macro", "Macro F1"),
@@ -138,9 +138,7 @@ def analysis_markdown(rows: list[dict]) -> str:
 
 
 def _decision(analysis: dict) -> str:
-    decision = analysis.get("decision")  # runs analysed before the decision rule existed used the argmax
-    if decision is None:
-        return "argmax"
+    decision = analysis["decision"]
     return f"s = {decision['strength']:g} ({_fmt(decision['test_argmax']['balanced_accuracy'])})"
 
 
@@ -193,14 +191,22 @@ def results_markdown(comparison: dict, source: str) -> str:
 
 
 SWEEP_IGNORED = {"num_workers", "seed"}  # the machine's, and a column of its own
-INIT_SETTINGS = {"pretrained", "pretrained_file", "pretrained_files"}  # compared as the start they give
+INIT_SETTINGS = {"pretrained", "pretrained_files"}  # compared as the start they give
 
 
 def _flat_settings(config: dict, backbone: str) -> dict:
-    """The data, model and training settings of a saved run config, in one dict. A setting the run's version of
-    train.py did not have yet takes today's default (the option was off), and the ways of naming the starting
-    weights (pretrained, pretrained_file, pretrained_files) become the one start they give `backbone`."""
-    full = RunConfig.from_dict({section: config[section] for section in ("data", "model", "train")})
+    """The data, model and training settings of a saved run config, in one dict, compared as today's settings:
+    a setting the run's version of train.py did not have yet takes today's default; options since removed
+    were off in every committed run (results of those that used them went with them); one weights file for
+    every backbone (pretrained_file, since folded into pretrained_files) is the same start."""
+    model = dict(config["model"])
+    if model.pop("pretrained_file", None):
+        model["pretrained_files"] = {backbone: config["model"]["pretrained_file"]}
+    current = {section: {f.name for f in fields(cls)} for section, cls in
+               (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig))}
+    sections = {"data": config["data"], "model": model, "train": config["train"]}
+    full = RunConfig.from_dict({s: {k: v for k, v in values.items() if k in current[s]}
+                                for s, values in sections.items()})
     flat = {k: v for section in (full.data, full.model, full.train) for k, v in asdict(section).items()
             if k not in SWEEP_IGNORED and k not in INIT_SETTINGS}
     return {**flat, "init": full.model.init_description(backbone)}

@@ -1,0 +1,280 @@
+"""The stages after fitting, each over a run folder written by train.py:
+
+- evaluate: one pass of every split (and of the non-dermoscopic photos) through the best checkpoint on the
+  accelerator's device, every process taking part; writes the outputs, metrics.json, predictions and plots;
+- analyze: the post-hoc settings and statistics, derived from those outputs alone (no model);
+- export: the served model's folder, assembled once from the settings: CAM method chosen by ROAD on the served
+  model, a Grad-CAM gallery of the served model, weights, config, OOD detector, examples, card.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from .config import RunConfig, replace_nested
+from .data import LesionData, as_torch_dataset, build_transforms, collate, load_lesion_data
+from .engine import Accelerator, collect_outputs, read_trainer_state
+from .explain import road_faithfulness
+from .hub import HubPushError, LoadedModel, export_for_hub, model_card, push_to_hub
+from .inference import Predictor
+from .labels import melanoma_index
+from .metrics import classification_metrics, json_safe
+from .models import count_parameters, create_backbone
+from .posthoc import OOD_FILE, TTA_VIEWS, MahalanobisDetector, PostHocSettings, nll, softmax
+from .report import plot_cam_gallery, read_backbone_row, write_backbone_plots
+from .study import analyze, photo_samples
+
+logger = logging.getLogger(__name__)
+
+RUN_CONFIG = "config.json"
+BEST_DIR = "best"
+EXPORT_DIR = "export"
+METRICS_FILE = "metrics.json"
+ANALYSIS_FILE = "analysis.json"
+SETTINGS_FILE = "posthoc.json"
+PLOTS = ("confusion_matrix.png", "roc_curves.png", "training_curves.png", "gradcam_gallery.png",
+         "reliability_diagram.png")
+GALLERY_PER_CLASS = 2    # correct and wrong test cases per class in the Grad-CAM gallery
+# views per split in the evaluation pass: train feeds the OOD detector and the class prior; validation chooses
+# test-time augmentation, temperature and thresholds; test is scored; the photos measure the OOD guard
+SPLIT_VIEWS = {"train": 1, "validation": TTA_VIEWS, "test": TTA_VIEWS, "photos": TTA_VIEWS}
+
+
+class RunFolderError(RuntimeError):
+    """A run folder lacks what a stage needs; the message says which stage to run first."""
+
+
+# ---------------------------------------------------------------- run folders
+
+def read_run(run_dir: Path) -> tuple[RunConfig, dict]:
+    """The settings a run was started with (its output_dir is where it lies now) and its config.json."""
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise RunFolderError(f"{run_dir} holds no run ({RUN_CONFIG} is missing); start one with train.py")
+    info = json.loads(path.read_text())
+    return replace_nested(RunConfig.from_dict(info["config"]), output_dir=str(run_dir)), info
+
+
+def load_run_data(run_dir: Path, cfg: RunConfig) -> LesionData:
+    """The run's data, split as its splits.csv records; anything else is refused."""
+    data = load_lesion_data(cfg.data, seed=cfg.train.seed)
+    with open(Path(run_dir) / "splits.csv", newline="") as f:
+        saved = sorted(tuple(row) for row in list(csv.reader(f))[1:])
+    current = sorted(data.split_rows())
+    if saved != current:
+        differ = sorted(set(saved) ^ set(current))
+        raise RunFolderError(f"the data in {data.source} is not split as {run_dir}/splits.csv records "
+                             f"({len(differ)} rows differ, first {differ[:3]}); continue the run on the data it "
+                             "started with")
+    return data
+
+
+def trained_model(name: str, cfg: RunConfig, num_classes: int, run_dir: Path) -> torch.nn.Module:
+    """The backbone with its best validation checkpoint."""
+    weights = Path(run_dir) / name / BEST_DIR / "model.safetensors"
+    if not weights.is_file():
+        raise RunFolderError(f"{weights} is missing: fit {name} first (train.py --resume --output-dir {run_dir})")
+    model = create_backbone(name, num_classes, replace_nested(cfg, model={"pretrained": False,
+                                                                        "pretrained_files": {}}).model)
+    model.load_state_dict(load_file(weights))
+    return model.eval()
+
+
+def write_predictions(path: Path, table, label_names, labels, probs, decisions, ood_scores=None) -> None:
+    """Per image: ids, label, the call and every probability (and the OOD score), each float written exactly
+    (repr reads back as the same float64, so every metric recomputes exactly from the file)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image_id", "lesion_id", "label", "pred"] + [f"prob_{n}" for n in label_names] +
+                        (["ood_score"] if ood_scores is not None else []))
+        for i, (image_id, lesion_id) in enumerate(zip(table["image_id"], table["lesion_id"])):
+            writer.writerow([image_id, lesion_id, label_names[labels[i]], label_names[decisions[i]]] +
+                            [repr(float(v)) for v in probs[i]] +
+                            ([repr(float(ood_scores[i]))] if ood_scores is not None else []))
+
+
+def outputs_path(run_dir: Path, name: str, split: str) -> Path:
+    return Path(run_dir) / name / f"outputs_{split}.npz"
+
+
+# ---------------------------------------------------------------- evaluate
+
+def evaluate_backbone(name: str, cfg: RunConfig, data: LesionData, accelerator: Accelerator, run_dir: Path) -> None:
+    """The one evaluation pass of `name`'s best checkpoint over train, validation, test and the photos, on the
+    accelerator's device in every process; the main process writes outputs_<split>.npz, metrics.json (the
+    network alone: one view, argmax), predictions_<split>.csv and the plots."""
+    out = Path(run_dir) / name
+    names = data.label_names
+    model = trained_model(name, cfg, len(names), run_dir)
+    _, eval_tf, data_config = build_transforms(model, cfg.data)
+    tables = {split: as_torch_dataset(data.splits[split], names, eval_tf) for split in ("train", "validation", "test")}
+    photos = photo_samples()
+    tables["photos"] = [{"pixel_values": eval_tf(image), "label": -1} for _, image in photos]
+    loaders = [DataLoader(tables[split], batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
+                          collate_fn=collate) for split in SPLIT_VIEWS]
+    model, *loaders = accelerator.prepare(model, *loaders)
+    outputs = {split: collect_outputs(model, loader, accelerator, views, desc=f"{name} {split}")
+               for (split, views), loader in zip(SPLIT_VIEWS.items(), loaders)}
+    if accelerator.is_main_process:
+        for split, arrays in outputs.items():
+            np.savez(outputs_path(run_dir, name, split), **arrays)
+        state = read_trainer_state(out)
+        row = {"backbone": name, "checkpoint": str(out / BEST_DIR / "model.safetensors"),
+               "test_split": data.test_description, "num_processes": accelerator.num_processes,
+               "init": cfg.model.init_description(name),
+               "parameters": count_parameters(accelerator.unwrap_model(model)),
+               "best_epoch": state.best_epoch, "epochs_run": state.epoch, "steps": state.global_step,
+               "train_seconds": state.train_seconds,
+               "train_images_per_second": state.train_images / max(state.train_seconds, 1e-9),
+               "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()}}
+        for split in ("validation", "test"):
+            labels, probs = outputs[split]["labels"], softmax(outputs[split]["logits"][:, 0])
+            row[split] = json_safe(network_metrics(outputs[split], names))
+            write_predictions(out / f"predictions_{split}.csv", data.splits[split], names, labels, probs,
+                              probs.argmax(axis=1))
+        row["history"] = state.history
+        (out / METRICS_FILE).write_text(json.dumps(row, indent=1, allow_nan=False))
+        write_backbone_plots(outputs["test"]["labels"], softmax(outputs["test"]["logits"][:, 0]), names,
+                             state.history, out, name)
+        accelerator.print(f"{name}: evaluated; test balanced accuracy of the network alone "
+                          f"{row['test']['balanced_accuracy']:.3f}")
+    accelerator.free_memory(model, *loaders)
+
+
+def network_metrics(outputs: dict[str, np.ndarray], label_names) -> dict:
+    """The network alone (first view, argmax): classification_metrics plus the mean negative log-likelihood
+    ("loss")."""
+    logits, labels = outputs["logits"][:, 0], outputs["labels"]
+    metrics = classification_metrics(labels, softmax(logits), label_names, melanoma_index(label_names))
+    return {**metrics, "loss": nll(logits, labels)}
+
+
+# ---------------------------------------------------------------- analyze
+
+def analyze_backbone(name: str, cfg: RunConfig, data: LesionData, run_dir: Path) -> dict:
+    """From the evaluation pass alone: analysis.json, the fitted settings (posthoc.json), the OOD detector,
+    predictions_calibrated_<split>.csv and the reliability diagram. Returns the analysis."""
+    out = Path(run_dir) / name
+    if not outputs_path(run_dir, name, "photos").is_file():
+        raise RunFolderError(f"{name} has no evaluation outputs: run `python -m dermadetect evaluate {run_dir}`")
+    outputs = {split: dict(np.load(outputs_path(run_dir, name, split))) for split in SPLIT_VIEWS}
+    analysis, settings, detector, served = analyze(
+        name, outputs, data.splits, data.label_names, [n for n, _ in photo_samples()], cfg.train.bootstrap_resamples,
+        out)
+    (out / ANALYSIS_FILE).write_text(json.dumps(analysis, indent=1, allow_nan=False))
+    (out / SETTINGS_FILE).write_text(json.dumps(settings.to_json(), indent=1))
+    detector.save(out)
+    for split, (probs, decisions, scores) in served.items():
+        write_predictions(out / f"predictions_calibrated_{split}.csv", data.splits[split], data.label_names,
+                          outputs[split]["labels"], probs, decisions, scores)
+    return analysis
+
+
+# ---------------------------------------------------------------- export
+
+def export_backbone(name: str, cfg: RunConfig, data: LesionData, run_info: dict, run_dir: Path,
+                    repo_id: str | None = None) -> Path:
+    """Assemble the served model's folder in one go: the analysed settings, the CAM method that ROAD finds
+    most faithful on validation images for the served model, a gallery of that model's CAMs on test images,
+    then weights + config.json, the OOD detector, examples, plots, analysis and card."""
+    out = Path(run_dir) / name
+    if not (out / SETTINGS_FILE).is_file():
+        raise RunFolderError(f"{name} has not been analysed: run `python -m dermadetect analyze {run_dir}`")
+    names = data.label_names
+    model = trained_model(name, cfg, len(names), run_dir)
+    _, eval_tf, data_config = build_transforms(model, cfg.data)
+    settings = PostHocSettings.from_json(json.loads((out / SETTINGS_FILE).read_text()), str(out / SETTINGS_FILE))
+    detector = MahalanobisDetector.load(out / OOD_FILE, settings.ood_threshold)
+    loaded = LoadedModel(model=model, architecture=name, label_names=names, data_config=data_config, folder=out,
+                         source=str(out), config={}, settings=settings, ood=detector)
+    if cfg.train.explain_images:
+        sample = data.splits["validation"].shuffle(seed=cfg.train.seed)
+        sample = sample.select(range(min(cfg.train.explain_images, len(sample))))
+        pixels = torch.stack([eval_tf(im.convert("RGB")) for im in sample["image"]])
+        faithfulness = road_faithfulness(Predictor(loaded).explainer, pixels)
+        (out / "explain_faithfulness.json").write_text(json.dumps(faithfulness, indent=1))
+        settings = dataclasses.replace(settings, cam_method=faithfulness["best_method"])
+        loaded = dataclasses.replace(loaded, settings=settings)
+    predictor = Predictor(loaded)
+    write_gallery(predictor, data, out, name)
+
+    export = out / EXPORT_DIR
+    if export.exists():
+        shutil.rmtree(export)
+    export_for_hub(model, name, names, data_config, export, settings)
+    detector.save(export)
+    write_examples(export, pick_examples(data))
+    for plot in PLOTS:
+        shutil.copy2(out / plot, export / plot)
+    shutil.copy2(out / ANALYSIS_FILE, export / ANALYSIS_FILE)
+    model_card(read_backbone_row(out), run_info, repo_id).save(export / "README.md")
+    logger.info("%s: exported to %s (CAM method %s)", name, export, settings.cam_method)
+    return export
+
+
+def write_gallery(predictor: Predictor, data: LesionData, out: Path, name: str) -> None:
+    """Grad-CAM overlays of the served model on correct and wrong test calls, per class."""
+    with open(out / "predictions_calibrated_test.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    chosen = []
+    for label in data.label_names:
+        of_class = [i for i, r in enumerate(rows) if r["label"] == label]
+        chosen += [i for i in of_class if rows[i]["pred"] == label][:GALLERY_PER_CLASS]
+        chosen += [i for i in of_class if rows[i]["pred"] != label][:GALLERY_PER_CLASS]
+    test = data.splits["test"]
+    cases = []
+    for i in chosen:
+        result = predictor.predict(test[i]["image"])
+        cases.append({"overlay": result.overlay, "label": rows[i]["label"], "pred": result.top_label,
+                      "prob": result.probabilities[result.top_label],
+                      "correct": rows[i]["label"] == result.top_label})
+    plot_cam_gallery(cases, out / "gradcam_gallery.png",
+                     f"{name}: {predictor.default_method} of the served model on test images "
+                     "(green: correct, red: wrong)")
+
+
+def pick_examples(data: LesionData) -> list[tuple]:
+    """One test image per class (the first of each), for the Space's examples."""
+    test = data.splits["test"]
+    first = {}
+    for i, dx in enumerate(test["dx"]):
+        first.setdefault(dx, i)
+    return [(test[i]["image"], dx, test[i]["image_id"]) for dx, i in sorted(first.items())]
+
+
+def write_examples(export: Path, examples: list[tuple]) -> None:
+    (export / "examples").mkdir(exist_ok=True)
+    listing = []
+    for image, label, image_id in examples:
+        name = f"examples/{image_id}.jpg"
+        image.convert("RGB").save(export / name, quality=95)
+        listing.append({"file": name, "label": label})
+    (export / "examples.json").write_text(json.dumps(listing, indent=1))
+
+
+def push_run(run_dir: Path, backbones, prefix: str, private: bool = False) -> int:
+    """Push every backbone's export to PREFIX-<backbone>, its card naming the repo. Returns 1 if any push
+    failed, after trying all (each local export stays complete)."""
+    run_info = json.loads((Path(run_dir) / RUN_CONFIG).read_text())
+    failed = 0
+    for name in backbones:
+        export = Path(run_dir) / name / EXPORT_DIR
+        repo_id = f"{prefix}-{name}"
+        model_card(read_backbone_row(Path(run_dir) / name), run_info, repo_id).save(export / "README.md")
+        try:
+            print(f"pushed {export} -> {push_to_hub(export, repo_id, private)}")
+        except HubPushError as exc:
+            failed = 1
+            print(f"error: {exc}", file=sys.stderr)
+    return failed
