@@ -31,7 +31,7 @@ from dermadetect.labels import DISCLAIMER
 from dermadetect.models import create_backbone
 from dermadetect.pipeline import (BEST_DIR, EXPORT_DIR, METRICS_FILE, RUN_CONFIG, analyze_backbone,
                                   evaluate_backbone, export_backbone, load_run_data, network_metrics, push_run,
-                                  read_run)
+                                  read_run, RunFolderError)
 from dermadetect.report import read_backbone_row, write_comparison
 
 logger = logging.getLogger("dermadetect.train")
@@ -237,7 +237,10 @@ def main(argv=None) -> int:
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # it logs every file of every checkpoint
     set_seed(cfg.train.seed)
     if args.resume:
-        data = load_run_data(run_dir, cfg)
+        try:
+            data = load_run_data(run_dir, cfg)
+        except RunFolderError as exc:
+            raise SystemExit(f"error: {exc}") from None
         if accelerator.is_main_process:  # the command that started the run stays; resumptions are listed after
             run_info = json.loads((run_dir / RUN_CONFIG).read_text())
             run_info.setdefault("resumed", []).append(sys.argv)
@@ -263,12 +266,12 @@ def main(argv=None) -> int:
                 analyze_backbone(name, cfg, data, run_dir)
             if last >= 3 and not (args.resume and (run_dir / name / EXPORT_DIR / "README.md").is_file()):
                 export_backbone(name, cfg, data, run_info, run_dir)
+        if last >= 3 and args.push_to_hub:
+            status = push_run(run_dir, cfg.backbones, args.push_to_hub)
         rows = [read_backbone_row(run_dir / name) for name in cfg.backbones]
         comparison = write_comparison(rows, run_dir)
         accelerator.print((run_dir / "comparison.md").read_text())
         accelerator.print(f"best on validation: {comparison['best_backbone']}")
-        if last >= 3 and args.push_to_hub:
-            status = push_run(run_dir, cfg.backbones, args.push_to_hub)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return status

@@ -126,11 +126,11 @@ def run_stage(stage: str, run_dir: Path, push_prefix: str | None = None, private
             analyze_backbone(name, cfg, data, run_dir)
         else:
             export_backbone(name, cfg, data, run_info, run_dir)
-    if stage == "analyze":
-        comparison = write_comparison([read_backbone_row(run_dir / name) for name in cfg.backbones], run_dir)
-        print((run_dir / "comparison.md").read_text())
-        print(f"best on validation: {comparison['best_backbone']}")
-    return push_run(run_dir, cfg.backbones, push_prefix, private) if push_prefix else 0
+    status = push_run(run_dir, cfg.backbones, push_prefix, private) if push_prefix else 0
+    comparison = write_comparison([read_backbone_row(run_dir / name) for name in cfg.backbones], run_dir)
+    print((run_dir / "comparison.md").read_text())
+    print(f"best on validation: {comparison['best_backbone']}")
+    return status
 
 
 RESULT_FILES = ("metrics.json", "explain_faithfulness.json", "analysis.json", "posthoc.json", "confusion_matrix.png",

@@ -43,6 +43,7 @@ EXPORT_DIR = "export"
 METRICS_FILE = "metrics.json"
 ANALYSIS_FILE = "analysis.json"
 SETTINGS_FILE = "posthoc.json"
+HUB_FILE = "hub.json"
 PLOTS = ("confusion_matrix.png", "roc_curves.png", "training_curves.png", "gradcam_gallery.png",
          "reliability_diagram.png")
 GALLERY_PER_CLASS = 2    # correct and wrong test cases per class in the Grad-CAM gallery
@@ -264,8 +265,9 @@ def write_examples(export: Path, examples: list[tuple]) -> None:
 
 
 def push_run(run_dir: Path, backbones, prefix: str, private: bool = False) -> int:
-    """Push every backbone's export to PREFIX-<backbone>, its card naming the repo. Returns 1 if any push
-    failed, after trying all (each local export stays complete)."""
+    """Push every backbone's export to PREFIX-<backbone>, its card naming the repo, and record repo and commit
+    in <backbone>/hub.json (the comparison names them). Returns 1 if any push failed, after trying all (each
+    local export stays complete)."""
     run_info = json.loads((Path(run_dir) / RUN_CONFIG).read_text())
     failed = 0
     for name in backbones:
@@ -273,7 +275,9 @@ def push_run(run_dir: Path, backbones, prefix: str, private: bool = False) -> in
         repo_id = f"{prefix}-{name}"
         model_card(read_backbone_row(Path(run_dir) / name), run_info, repo_id).save(export / "README.md")
         try:
-            print(f"pushed {export} -> {push_to_hub(export, repo_id, private)}")
+            commit_url = push_to_hub(export, repo_id, private)
+            (Path(run_dir) / name / HUB_FILE).write_text(json.dumps({"repo_id": repo_id, "commit_url": commit_url}))
+            print(f"pushed {export} -> {commit_url}")
         except HubPushError as exc:
             failed = 1
             print(f"error: {exc}", file=sys.stderr)

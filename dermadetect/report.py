@@ -236,10 +236,12 @@ def sweep_markdown(folder: Path, reference: str = "base", backbone: str = "effic
 
 
 def read_backbone_row(folder: Path) -> dict:
-    """A finished backbone's metrics.json, with its analysis.json (if analysed) under "analysis"."""
+    """A finished backbone's metrics.json, with its analysis.json (if analysed) under "analysis" and where it
+    was pushed (hub.json) under "hub"."""
     row = json.loads((Path(folder) / "metrics.json").read_text())
-    if (Path(folder) / "analysis.json").is_file():
-        row["analysis"] = json.loads((Path(folder) / "analysis.json").read_text())
+    for key, name in (("analysis", "analysis.json"), ("hub", "hub.json")):
+        if (Path(folder) / name).is_file():
+            row[key] = json.loads((Path(folder) / name).read_text())
     return row
 
 

@@ -15,8 +15,7 @@ from PIL import Image
 
 import train
 from conftest import REPO, make_imagefolder, pick_rows, read_metadata, write_metadata
-from dermadetect.color import ShadesOfGray
-from dermadetect.config import DataConfig, RunConfig, TrainConfig
+from dermadetect.config import DataConfig, RunConfig
 from dermadetect.data import (BadDataError, LesionLeakError, build_transforms, check_no_lesion_leak,
                               class_weights, lesion_grouped_split, load_lesion_data)
 from dermadetect.labels import HAM10000_CLASSES
@@ -249,72 +248,16 @@ def test_compact_copy_keeps_rows_and_pixels_and_loads_the_same(ham224, tmp_path)
         assert a.splits[split]["image_id"] == b.splits[split]["image_id"]
 
 
-def test_shades_of_gray_neutralises_a_colour_cast_by_hand():
-    """A uniform (200, 100, 50) image has illuminant (200, 100, 50)/255 for any p; the gains bring every channel
-    to the illuminant's root mean square, sqrt((200^2 + 100^2 + 50^2) / 3) = 132.29 -> 132."""
-    cast = Image.new("RGB", (8, 6), (200, 100, 50))
-    assert np.asarray(ShadesOfGray()(cast)).tolist() == np.full((6, 8, 3), 132).tolist()
-    grey = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30), dtype=np.uint8)).convert("RGB")
-    assert np.array_equal(np.asarray(ShadesOfGray()(grey)), np.asarray(grey))  # no cast: unchanged
-    no_blue = Image.new("RGB", (4, 4), (120, 60, 0))
-    assert np.array_equal(np.asarray(ShadesOfGray()(no_blue)), np.asarray(no_blue))  # no gain can fix a black channel
-
-
-def test_shades_of_gray_equals_its_formula_on_a_real_lesion(ham224):
-    """Real image, p = 6: out = clip(round(in * rms(e) / e)), e_c = mean((in_c / 255)^6)^(1/6); afterwards the
-    channels' p-means agree to within rounding."""
-    image = Image.open(next((ham224 / "test").rglob("*.jpg"))).convert("RGB")
-    rgb = np.asarray(image, dtype=np.float64)
-    e = np.array([np.mean((rgb[..., c] / 255) ** 6) ** (1 / 6) for c in range(3)])
-    expected = np.clip(np.round(rgb * np.sqrt((e ** 2).sum() / 3) / e), 0, 255)
-    out = np.asarray(ShadesOfGray()(image), dtype=np.float64)
-    assert np.abs(out - expected).max() <= 1
-    after = np.mean((out / 255) ** 6, axis=(0, 1)) ** (1 / 6)
-    assert after.max() - after.min() < 0.01 < e.max() - e.min()
-
-
-def test_color_constancy_runs_first_in_train_and_eval_transforms():
-    import timm
-
-    model = timm.create_model("resnet18", num_classes=7)
-    plain_train, plain_eval, _ = build_transforms(model, DataConfig(image_size=64))
-    train_tf, eval_tf, _ = build_transforms(model, DataConfig(image_size=64, color_constancy="shades_of_gray"))
-    for plain, corrected in ((plain_train, train_tf), (plain_eval, eval_tf)):
-        assert isinstance(corrected.transforms[0], ShadesOfGray)
-        assert repr(corrected.transforms[1:]) == repr(plain.transforms)
-    image = Image.new("RGB", (80, 80), (200, 100, 50))
-    assert np.allclose(eval_tf(image).numpy(), plain_eval(ShadesOfGray()(image)).numpy())
-    with pytest.raises(ValueError, match="shades_of_gray"):
-        build_transforms(model, DataConfig(color_constancy="grey_world"))
-
-
 def test_class_weights_by_hand():
-    counts = np.array([3, 1])  # 4 images, 2 classes: inverse frequency 4 / (2 * count)
-    np.testing.assert_allclose(class_weights(counts, "balanced"), [2 / 3, 2])
-    np.testing.assert_allclose(class_weights(counts, "sqrt"), [np.sqrt(2 / 3), np.sqrt(2)])
-    np.testing.assert_allclose(class_weights(counts, "none"), [1, 1])
+    labels = np.array([0, 0, 0, 1])  # 4 images, 2 classes: inverse frequency 4 / (2 * count)
+    np.testing.assert_allclose(class_weights(labels, 2, "balanced"), [2 / 3, 2])
+    np.testing.assert_allclose(class_weights(labels, 2, "sqrt"), [np.sqrt(2 / 3), np.sqrt(2)])
+    np.testing.assert_allclose(class_weights(labels, 2, "none"), [1, 1])
+    np.testing.assert_allclose(class_weights(labels, 3, "balanced"), [2 / 3, 2, 1])  # absent class: weight 1
     with pytest.raises(ValueError, match="choose one of"):
-        class_weights(counts, "inverse")
+        class_weights(labels, 2, "inverse")
 
 
-@pytest.mark.parametrize("mode", ["balanced", "sqrt"])
-def test_class_sampler_draws_classes_at_the_intended_rates(full_data, mode):
-    """On the real training labels (nv ~67%, df ~1%): balanced sampling draws every class about equally often,
-    sqrt sampling in proportion to the square root of its count."""
-    cfg = RunConfig(train=TrainConfig(class_sampling=mode), data=DataConfig(num_workers=0))
-    sampler = train.make_loaders(full_data, None, None, cfg)["train"].sampler  # what train.py trains on
-    labels = full_data.labels("train")
-    counts = np.bincount(labels, minlength=7)
-    assert len(sampler) == len(labels)
-    drawn = []
-    for epoch in range(8):
-        sampler.set_epoch(epoch)
-        drawn += list(sampler)
-    rates = np.bincount(labels[np.array(drawn)], minlength=7) / len(drawn)
-    expected = np.full(7, 1 / 7) if mode == "balanced" else np.sqrt(counts) / np.sqrt(counts).sum()
-    np.testing.assert_allclose(rates, expected, atol=0.01)
-
-
-def test_plain_training_loader_shuffles_without_replacement(full_data):
-    sampler = train.make_loaders(full_data, None, None, RunConfig(data=DataConfig(num_workers=0)))["train"].sampler
-    assert sorted(sampler) == list(range(len(full_data.splits["train"])))
+def test_training_loader_shuffles_without_replacement(full_data):
+    loader, _ = train.make_loaders(full_data, None, None, RunConfig(data=DataConfig(num_workers=0)))
+    assert sorted(loader.sampler) == list(range(len(full_data.splits["train"])))

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-import train
 from conftest import REPO
 from dermadetect.config import DEFAULT_BACKBONES
-from dermadetect.hub import CARD_METRICS, model_card
+from dermadetect.hub import CARD_METRICS
+from dermadetect.pipeline import push_run
+from dermadetect.report import read_backbone_row, write_comparison
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -45,22 +46,6 @@ def test_card_front_matter_and_numbers_come_from_metrics(smoke_run):
         examples = json.loads((smoke_run / backbone / "export" / "examples.json").read_text())
         assert sorted(e["label"] for e in examples) == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
         assert all((smoke_run / backbone / "export" / e["file"]).is_file() for e in examples)
-        assert "colour constancy" not in text  # the smoke run trains without it
-
-
-def test_card_states_colour_constancy_and_class_sampling_when_the_run_used_them(smoke_run):
-    metrics = json.loads((smoke_run / "resnet18" / "metrics.json").read_text())
-    run_info = json.loads((smoke_run / "config.json").read_text())
-    assert "class-balanced sampling" not in str(model_card(metrics, run_info))  # the smoke run shuffles plainly
-    run_info["config"]["data"]["color_constancy"] = "shades_of_gray"
-    run_info["config"]["train"]["class_sampling"] = "sqrt"
-    card = str(model_card(metrics, run_info))
-    assert "colour constancy shades_of_gray (applied to uploads too)" in card
-    assert "class weighting none, class-balanced sampling sqrt" in card
-    # a run from before the options
-    del run_info["config"]["data"]["color_constancy"], run_info["config"]["train"]["class_sampling"]
-    assert "colour constancy" not in str(model_card(metrics, run_info))
-    assert "class-balanced sampling" not in str(model_card(metrics, run_info))
 
 
 class FakeHub(BaseHTTPRequestHandler):
@@ -173,7 +158,7 @@ def test_wrong_revision_and_pickle_only_repo_are_refused(fake_hub, small_data, t
 
 def copy_run_exports(run: Path, to: Path) -> Path:
     """A copy of a run without its training checkpoints (best/, state/): all that pushing reads."""
-    return Path(shutil.copytree(run, to, ignore=shutil.ignore_patterns("best", "state")))
+    return Path(shutil.copytree(run, to, ignore=shutil.ignore_patterns("best", "state", "outputs_*.npz")))
 
 
 def test_push_hands_each_export_to_hfapi(smoke_run, tmp_path, monkeypatch):
@@ -192,13 +177,12 @@ def test_push_hands_each_export_to_hfapi(smoke_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr("dermadetect.hub.HfApi", RecordingApi)
     monkeypatch.setattr("dermadetect.hub.get_token", lambda: "hf_test")
-    rows = json.loads((run / "comparison.json").read_text())["rows"]
-    assert train.push_run(run, rows, "derma/dd", private=True) == 0
+    assert push_run(run, DEFAULT_BACKBONES, "derma/dd", private=True) == 0
     for backbone in DEFAULT_BACKBONES:
         repo = f"derma/dd-{backbone}"
         assert ("create_repo", repo, True, True) in calls
         assert ("upload_folder", repo, str(run / backbone / "export")) in calls
-    train.write_comparison(rows, run)
+    write_comparison([read_backbone_row(run / b) for b in DEFAULT_BACKBONES], run)
     table = (run / "comparison.md").read_text()
     assert f"Best ConvNeXtV2 (the demo's model): **convnextv2_nano** (Hub `derma/dd-convnextv2_nano`, commit " \
            f"https://hf.co/derma/dd-convnextv2_nano/commit/{COMMIT})" in table
@@ -207,6 +191,5 @@ def test_push_hands_each_export_to_hfapi(smoke_run, tmp_path, monkeypatch):
 def test_push_without_token_fails_clearly_after_export(smoke_run, tmp_path, monkeypatch):
     run = copy_run_exports(smoke_run, tmp_path / "run")
     monkeypatch.setattr("dermadetect.hub.get_token", lambda: None)
-    rows = json.loads((run / "comparison.json").read_text())["rows"]
-    assert train.push_run(run, rows, "derma/dd", private=False) == 1
+    assert push_run(run, DEFAULT_BACKBONES, "derma/dd", private=False) == 1
     assert all((run / b / "export" / "model.safetensors").is_file() for b in DEFAULT_BACKBONES)

@@ -20,12 +20,13 @@ from timm.data import create_transform, resolve_model_data_config
 
 from conftest import REPO, data_root
 from dermadetect.explain import CAM_METHODS, project_cam
-from dermadetect.hub import export_for_hub, load_model, update_export_config
+from dermadetect.hub import ModelSourceError, export_for_hub, load_model
 from dermadetect.inference import (CorruptImageError, ImageTooLargeError, ImageTooSmallError, NotAnImageError,
                                    Predictor, open_image)
 from dermadetect.labels import HAM10000_CLASSES
 from dermadetect.config import DEFAULT_BACKBONES
 from dermadetect.models import target_layer
+from dermadetect.posthoc import PostHocSettings
 
 BACKBONES = DEFAULT_BACKBONES + ("efficientnet_lite0",)
 
@@ -39,7 +40,8 @@ def model_dirs(tmp_path_factory):
         model = timm.create_model(name, num_classes=7)
         data_config = resolve_model_data_config(model)
         data_config["input_size"] = (3, 64, 64)
-        dirs[name] = export_for_hub(model, name, HAM10000_CLASSES, data_config, tmp_path_factory.mktemp(name))
+        dirs[name] = export_for_hub(model, name, HAM10000_CLASSES, data_config, tmp_path_factory.mktemp(name),
+                                   PostHocSettings())
     return dirs
 
 
@@ -108,9 +110,10 @@ def test_logit_adjustment_moves_the_call_not_the_probabilities(model_dirs, tmp_p
     target = int(probs.argmin())
     prior = probs / 10 ** (np.arange(7) == target)  # a prior that makes the least probable class the call
     prior = prior / prior.sum()
+    loaded = load_model(str(model_dirs["resnet18"]))
     for strength in (0.5, 1.0):
-        folder = shutil.copytree(model_dirs["resnet18"], tmp_path / str(strength))
-        update_export_config(folder, logit_adjustment={"class_prior": prior.tolist(), "strength": strength})
+        folder = export_for_hub(loaded.model, "resnet18", HAM10000_CLASSES, loaded.data_config, tmp_path / str(strength),
+                                PostHocSettings(class_prior=tuple(prior), adjustment_strength=strength))
         adjusted = Predictor(str(folder)).predict(lesion_like())
         expected = HAM10000_CLASSES[int((probs / prior ** strength).argmax())]
         assert adjusted.top_label == adjusted.explained_label == expected
@@ -118,18 +121,17 @@ def test_logit_adjustment_moves_the_call_not_the_probabilities(model_dirs, tmp_p
     assert adjusted.top_label == HAM10000_CLASSES[target] != plain.top_label
 
 
-def test_color_constancy_of_the_export_is_applied_before_the_model(model_dirs, tmp_path):
-    """An export trained with colour constancy says so in config.json; the Predictor then corrects each upload
-    the same way before its own transform, and an export without the setting leaves colours alone."""
-    from dermadetect.color import ShadesOfGray
-
-    folder = shutil.copytree(model_dirs["resnet18"], tmp_path / "sog")
-    update_export_config(folder, color_constancy="shades_of_gray")
-    corrected, plain = Predictor(str(folder)), Predictor(str(model_dirs["resnet18"]))
-    image = lesion_like()
-    probabilities = corrected.predict(image).probabilities
-    assert probabilities == pytest.approx(plain.predict(ShadesOfGray()(image)).probabilities, abs=1e-6)
-    assert probabilities != pytest.approx(plain.predict(image).probabilities, abs=1e-4)
+def test_export_carries_its_own_licence_and_versioned_settings(model_dirs, tmp_path):
+    """The export's pretrained_cfg names these weights' terms (the card's CC BY-NC 4.0), not the ImageNet
+    checkpoint's; a folder whose settings lack the schema version (an older export) is refused in plain words."""
+    config = json.loads((model_dirs["efficientnet_lite0"] / "config.json").read_text())
+    assert config["pretrained_cfg"]["license"] == "cc-by-nc-4.0" and config["pretrained_cfg"]["tag"] == "ham10000"
+    assert config["dermadetect"]["schema_version"] == 1
+    old = shutil.copytree(model_dirs["resnet18"], tmp_path / "old")
+    del config["dermadetect"]["schema_version"]
+    (old / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelSourceError, match="schema version"):
+        load_model(str(old))
 
 
 @pytest.mark.parametrize("size", [(640, 360), (300, 500)])

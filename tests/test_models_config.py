@@ -29,7 +29,7 @@ def test_pretrained_file_loads_imagenet_weights():
     path = REPO.parent / "shared" / "weights" / "efficientnet_lite0.in1k.safetensors"
     if not path.is_file():
         pytest.skip(f"{path} not present")
-    model = create_backbone("efficientnet_lite0", 7, ModelConfig(pretrained_file=str(path)))
+    model = create_backbone("efficientnet_lite0", 7, ModelConfig(pretrained_files={"efficientnet_lite0": str(path)}))
     weights = load_file(path)
     assert torch.equal(model.conv_stem.weight, weights["conv_stem.weight"])
     assert model.get_classifier().out_features == 7
@@ -48,12 +48,12 @@ def test_per_backbone_weights_files_and_the_rest_from_scratch():
     assert cfg.init_description("efficientnet_lite0") == "ImageNet (file efficientnet_lite0.in1k.safetensors)"
     assert cfg.init_description("resnet18") == "random (from scratch)"
     import train
-    parsed = train.build_config(train.parse_args(["--config", str(REPO / "configs" / "cpu.yaml")]))
+    _, parsed = train.parse_config(["--config", str(REPO / "configs" / "cpu.yaml")])
     assert parsed.model.pretrained_files == {"efficientnet_lite0": "../shared/weights/efficientnet_lite0.in1k.safetensors"}
-    flags = train.build_config(train.parse_args(["--pretrained-files", f"efficientnet_lite0={path}"]))
+    _, flags = train.parse_config(["--pretrained-files", f"efficientnet_lite0={path}"])
     assert flags.model.pretrained_files == {"efficientnet_lite0": str(path)}
     with pytest.raises(SystemExit):
-        train.parse_args(["--pretrained-files", "no-equals-sign"])
+        train.parse_config(["--pretrained-files", "no-equals-sign"])
 
 
 def test_missing_download_names_both_alternatives(tmp_path):
@@ -79,3 +79,25 @@ def test_config_round_trips_through_dict():
     cfg = replace_nested(RunConfig(), train={"epochs": 2}, backbones=("resnet18",))
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.train.epochs == 2 and cfg.train.lr == RunConfig().train.lr
+
+
+def test_train_help_shows_at_most_25_options_each_explained_with_its_default():
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0
+    options = [line.split()[0] for line in result.stdout.splitlines() if line.startswith("  -")]
+    assert 0 < len(options) <= 25, options
+    import train
+    actions = [a for a in train.build_parser(RunConfig())._actions if a.option_strings]
+    assert len(actions) == len(options) and all(a.help for a in actions)
+    assert "(default: 0.15)" in " ".join(result.stdout.split())  # --val-fraction shows the built-in setting
+    yaml_defaults = subprocess.run([sys.executable, "train.py", "--config", "configs/cpu.yaml", "--help"], cwd=REPO,
+                                   capture_output=True, text=True).stdout
+    assert "--image-size IMAGE_SIZE square input size (None: the backbone's own) (default: 160)" in " ".join(
+        yaml_defaults.split())  # --image-size shows the config file's
+
+
+def test_stages_are_subcommands():
+    result = subprocess.run([sys.executable, "-m", "dermadetect", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0
+    for stage in ("evaluate", "analyze", "export", "publish", "predict"):
+        assert stage in result.stdout

@@ -97,23 +97,23 @@ def test_bootstrap_intervals_resample_lesions():
     labels = np.repeat(np.arange(7), 40)
     probs = softmax(np.eye(7)[labels] * 2 + rng.normal(0, 1, (len(labels), 7)))
     lesions = np.arange(len(labels))
-    ci = bootstrap_intervals(labels, probs, lesions, LABELS, mel_threshold=0.3, resamples=300)
+    ci = bootstrap_intervals(labels, probs, lesions, LABELS, 4, mel_threshold=0.3, resamples=300)
     value = balanced_accuracy_score(labels, probs.argmax(1))
     assert ci["balanced_accuracy"]["value"] == pytest.approx(value)
     assert ci["balanced_accuracy"]["low"] < value < ci["balanced_accuracy"]["high"]
     # every image copied 4 times under one lesion id: same point estimate; intervals as wide as for one copy
     copied = bootstrap_intervals(np.repeat(labels, 4), np.repeat(probs, 4, axis=0), np.repeat(lesions, 4),
-                                 LABELS, mel_threshold=0.3, resamples=300)
+                                 LABELS, 4, mel_threshold=0.3, resamples=300)
     width = ci["balanced_accuracy"]["high"] - ci["balanced_accuracy"]["low"]
     copied_width = copied["balanced_accuracy"]["high"] - copied["balanced_accuracy"]["low"]
     assert copied["balanced_accuracy"]["value"] == pytest.approx(value)
     assert copied_width == pytest.approx(width, rel=0.35)
     as_images = bootstrap_intervals(np.repeat(labels, 4), np.repeat(probs, 4, axis=0), np.arange(len(labels) * 4),
-                                    LABELS, mel_threshold=0.3, resamples=300)
+                                    LABELS, 4, mel_threshold=0.3, resamples=300)
     assert as_images["balanced_accuracy"]["high"] - as_images["balanced_accuracy"]["low"] < 0.75 * copied_width
     # another decision rule: its point estimates, the AUC still ranks the probabilities
     decisions = rng.integers(0, 7, len(labels))
-    other = bootstrap_intervals(labels, probs, lesions, LABELS, mel_threshold=0.3, resamples=50,
+    other = bootstrap_intervals(labels, probs, lesions, LABELS, 4, mel_threshold=0.3, resamples=50,
                                 predictions=decisions)
     assert other["balanced_accuracy"]["value"] == pytest.approx(balanced_accuracy_score(labels, decisions))
     assert other["recall/mel"]["value"] == pytest.approx(np.mean(decisions[labels == 4] == 4))

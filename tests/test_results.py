@@ -44,7 +44,7 @@ def test_readme_results_tables_are_generated_from_committed_results():
 def test_readme_sweep_tables_are_generated_from_committed_trainer_states(monkeypatch):
     monkeypatch.chdir(REPO)  # the tables name their folders relative to the repository, as the command does
     sweeps = committed_sweeps()
-    assert {s.name for s in sweeps} >= {"lite0-cpu-pilots", "lite0-recipe-sweep"}
+    assert {s.name for s in sweeps} >= {"lite0-cpu-pilots"}
     for sweep in sweeps:
         block = readme_results((REPO / "README.md").read_text(), sweep.name)
         reference = re.search(r"Differs from `([^`]+)`", block).group(1)
@@ -100,6 +100,8 @@ def test_bundled_model_and_its_card_come_from_the_results():
     assert predictor.label_names == tuple(run_info["label_names"])
     assert predictor.default_method == json.loads((run / backbone / "explain_faithfulness.json").read_text())[
         "best_method"]
+    # the analysis it ships with (which publish compares against) is the run's
+    assert (bundle / "analysis.json").read_text() == (run / backbone / "analysis.json").read_text()
 
 
 def test_publish_copies_a_run(smoke_run, tmp_path):
@@ -120,12 +122,23 @@ def test_publish_copies_a_run(smoke_run, tmp_path):
         comparison, f"results/{smoke_run.name}/comparison.json")
     assert (repo / "README.md").read_text().endswith("after\n")
     bundled = repo / "models" / "dermadetect-resnet18"
-    assert sorted(p.name for p in bundled.iterdir()) == ["README.md", "config.json", "examples.json",
+    assert sorted(p.name for p in bundled.iterdir()) == ["README.md", "analysis.json", "config.json", "examples.json",
                                                           "model.safetensors", "ood.safetensors"]
     assert not list(repo.rglob("*.jpg"))  # no dataset images leave the run folder
     assert (repo / "model_card.md").read_text() == (smoke_run / "resnet18" / "export" / "README.md").read_text()
     for backbone in ("resnet18", "efficientnet_b0", "convnextv2_nano"):
         assert (repo / "results" / smoke_run.name / backbone / "metrics.json").is_file()
+
+    # a bundled model that serves better is kept unless forced, and the refusal names both numbers
+    analysis = json.loads((bundled / "analysis.json").read_text())
+    served = analysis["test_final"]["balanced_accuracy"]
+    analysis["test_final"]["balanced_accuracy"] = served + 0.1
+    (bundled / "analysis.json").write_text(json.dumps(analysis))
+    with pytest.raises(SystemExit, match=rf"{served:.3f}.*below.*{served + 0.1:.3f}.*--force"):
+        publish_run(smoke_run, "efficientnet_b0", repo)
+    assert [p.name for p in (repo / "models").iterdir()] == ["dermadetect-resnet18"]
+    publish_run(smoke_run, "efficientnet_b0", repo, force=True)
+    assert [p.name for p in (repo / "models").iterdir()] == ["dermadetect-efficientnet_b0"]  # one bundled model
     shutil.rmtree(repo)
 
 
