@@ -18,6 +18,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import gradio as gr
@@ -31,6 +32,8 @@ from dermadetect.labels import DISCLAIMER, MALIGNANT, readable_name
 from dermadetect.posthoc import DEFAULT_CAM_METHOD, MELANOMA_TARGET_SENSITIVITY, PostHocSettings
 
 logger = logging.getLogger("dermadetect.app")
+# Gradio's queue sets pandas options that pandas 3 deprecates, once per request; nothing here can change that
+warnings.filterwarnings("ignore", module="gradio.queueing")
 
 HUB_MODEL = "hf-hub:dermadetect/dermadetect-convnextv2_nano"
 # `python -m dermadetect publish --bundle` keeps exactly one model here

@@ -33,6 +33,7 @@ from timm.data import resolve_model_data_config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import app  # noqa: E402
 from dermadetect.hub import export_for_hub  # noqa: E402
+from dermadetect.posthoc import PostHocSettings  # noqa: E402
 from dermadetect.inference import Predictor, open_image  # noqa: E402
 from dermadetect.labels import HAM10000_CLASSES, readable_name  # noqa: E402
 
@@ -87,7 +88,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = timm.create_model("convnextv2_nano", num_classes=7)
         model_dir = str(export_for_hub(model, "convnextv2_nano", HAM10000_CLASSES, resolve_model_data_config(model),
-                                       tmp / "model"))
+                                       tmp / "model", PostHocSettings()))
     image_path = args.image
     if image_path is None:
         data = os.environ.get("DERMADETECT_DATA")

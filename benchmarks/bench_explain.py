@@ -33,7 +33,7 @@ from timm.data import resolve_model_data_config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dermadetect.explain import CamExplainer  # noqa: E402
 from dermadetect.hub import export_for_hub  # noqa: E402
-from dermadetect.posthoc import TTA_VIEWS  # noqa: E402
+from dermadetect.posthoc import TTA_VIEWS, PostHocSettings  # noqa: E402
 from dermadetect.inference import Predictor, open_image  # noqa: E402
 from dermadetect.labels import HAM10000_CLASSES  # noqa: E402
 from dermadetect.config import DEFAULT_BACKBONES  # noqa: E402
@@ -66,7 +66,8 @@ def test_image(size=(600, 450), seed=0) -> bytes:
 def export_random(name: str, folder: Path) -> Path:
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=len(HAM10000_CLASSES))
-    return export_for_hub(model, name, HAM10000_CLASSES, resolve_model_data_config(model), folder / name)
+    return export_for_hub(model, name, HAM10000_CLASSES, resolve_model_data_config(model), folder / name,
+                          PostHocSettings())
 
 
 def bench_backbone(name: str, folder: Path, repeats: int) -> dict:
@@ -91,7 +92,7 @@ def bench_backbone(name: str, folder: Path, repeats: int) -> dict:
         plain_cam.outputs.softmax(1)
         return cam
 
-    tta = CamExplainer(model, name, views=TTA_VIEWS)
+    tta = CamExplainer(model, name, PostHocSettings(tta_views=TTA_VIEWS))
 
     def one_pass_tta():
         tta(pixels, None, "gradcam")

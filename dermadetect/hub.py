@@ -115,8 +115,11 @@ def load_model(source: str) -> LoadedModel:
         raise ModelSourceError(str(exc)) from exc
     ood = None
     if settings.ood_threshold is not None:
-        ood_path = (Path(_download(*_hub_ref(source), OOD_FILE)) if source.startswith(HUB_PREFIX)
-                    else folder / OOD_FILE)
+        if source.startswith(HUB_PREFIX):
+            repo_id, revision = _hub_ref(source)
+            ood_path = Path(_download(repo_id, OOD_FILE, revision))
+        else:
+            ood_path = folder / OOD_FILE
         if not ood_path.is_file():
             raise ModelSourceError(f"{described}: {CONFIG_FILE} sets an out-of-distribution threshold but "
                                    f"{OOD_FILE} is missing; copy the whole exported folder")

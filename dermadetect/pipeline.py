@@ -118,6 +118,10 @@ def evaluate_backbone(name: str, cfg: RunConfig, data: LesionData, accelerator: 
     out = Path(run_dir) / name
     names = data.label_names
     model = trained_model(name, cfg, len(names), run_dir)
+    state = read_trainer_state(out)
+    if state is None:
+        raise RunFolderError(f"{out}/state/trainer_state.json is missing: it holds the training history that "
+                             "metrics.json reports; copy it with best/")
     _, eval_tf, data_config = build_transforms(model, cfg.data)
     tables = {split: as_torch_dataset(data.splits[split], names, eval_tf) for split in ("train", "validation", "test")}
     photos = photo_samples()
@@ -130,7 +134,6 @@ def evaluate_backbone(name: str, cfg: RunConfig, data: LesionData, accelerator: 
     if accelerator.is_main_process:
         for split, arrays in outputs.items():
             np.savez(outputs_path(run_dir, name, split), **arrays)
-        state = read_trainer_state(out)
         row = {"backbone": name, "checkpoint": str(out / BEST_DIR / "model.safetensors"),
                "test_split": data.test_description, "num_processes": accelerator.num_processes,
                "init": cfg.model.init_description(name),

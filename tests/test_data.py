@@ -16,7 +16,7 @@ from PIL import Image
 import train
 from conftest import REPO, make_imagefolder, pick_rows, read_metadata, write_metadata
 from dermadetect.config import DataConfig, RunConfig
-from dermadetect.data import (BadDataError, LesionLeakError, build_transforms, check_no_lesion_leak,
+from dermadetect.data import (BadDataError, LesionLeakError, check_no_lesion_leak,
                               class_weights, lesion_grouped_split, load_lesion_data)
 from dermadetect.labels import HAM10000_CLASSES
 

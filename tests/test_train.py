@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, log_loss, precision_score,
                              recall_score, roc_auc_score)
 
@@ -95,7 +94,7 @@ def test_splits_csv_matches_what_was_evaluated(smoke_run, small_data):
 def test_two_process_evaluation_matches_one_process(smoke_run, tmp_path):
     """`python -m dermadetect evaluate` under torchrun with 2 CPU processes (gloo) on the same checkpoints gives
     the same metrics: every image counted once, none doubled by the padding of the last batch."""
-    run = Path(shutil.copytree(smoke_run, tmp_path / "run", ignore=shutil.ignore_patterns("state", "export")))
+    run = Path(shutil.copytree(smoke_run, tmp_path / "run", ignore=shutil.ignore_patterns("export")))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dermadetect", "evaluate",
            str(run)]
     result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
