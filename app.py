@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import io
 import json
@@ -29,7 +28,7 @@ from dermadetect.explain import CAM_METHODS
 from dermadetect.hub import ModelSourceError
 from dermadetect.inference import InvalidImageError, Prediction, Predictor
 from dermadetect.labels import DISCLAIMER, MALIGNANT, readable_name
-from dermadetect.posthoc import DEFAULT_CAM_METHOD, MELANOMA_TARGET_SENSITIVITY, PostHocSettings
+from dermadetect.posthoc import MELANOMA_TARGET_SENSITIVITY
 
 logger = logging.getLogger("dermadetect.app")
 # Gradio's queue sets pandas options that pandas 3 deprecates, once per request; nothing here can change that
@@ -83,7 +82,7 @@ def model_summary(predictor: Predictor) -> str:
         if results:
             shown = ", ".join(f"{r.metric_name or r.metric_type} {r.metric_value:.3f}" for r in results)
             lines.append(f"**Test metrics** ({results[0].dataset_name}): {shown}")
-            if dataclasses.replace(loaded.settings, cam_method=DEFAULT_CAM_METHOD) != PostHocSettings():
+            if loaded.settings.class_prior is not None:  # analysed: the settings carry the training prior
                 # the card's model-index scores the network alone; this page also applies what the analysis
                 # fitted, and the card's analysed section scores that
                 lines[-1] += (" (the network alone: argmax of one view. The model card also scores it as this page "

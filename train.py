@@ -29,10 +29,8 @@ from dermadetect.engine import (TrainerState, collect_outputs, load_checkpoint, 
                                 read_trainer_state, save_checkpoint, set_seed, train_one_epoch)
 from dermadetect.labels import DISCLAIMER
 from dermadetect.models import create_backbone
-from dermadetect.pipeline import (BEST_DIR, EXPORT_DIR, METRICS_FILE, RUN_CONFIG, analyze_backbone,
-                                  evaluate_backbone, export_backbone, load_run_data, network_metrics, push_run,
-                                  read_run, RunFolderError)
-from dermadetect.report import read_backbone_row, write_comparison
+from dermadetect.pipeline import (BEST_DIR, METRICS_FILE, RUN_CONFIG, RunFolderError, evaluate_backbone,
+                                  finish_run, load_run_data, network_metrics, read_run)
 
 logger = logging.getLogger("dermadetect.train")
 
@@ -80,16 +78,11 @@ def build_parser(defaults: RunConfig) -> argparse.ArgumentParser:
     trn.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="autocast on GPUs")
     trn.add_argument("--max-steps", type=int, help="stop each backbone after this many optimizer steps")
     trn.add_argument("--seed", type=int, help="training seed (and the split's, unless --split-seed)")
-    fields = section_fields()
+    # every setting becomes a default, flag or not, so that the parsed namespace is the whole configuration
     flat = {k: v for section in ("data", "model", "train") for k, v in asdict(getattr(defaults, section)).items()}
-    p.set_defaults(**{dest: flat[dest] for dest in _dests(p) if dest in fields},
+    p.set_defaults(**{**flat, "pretrained_files": sorted(flat["pretrained_files"].items())},
                    backbones=list(defaults.backbones), output_dir=defaults.output_dir)
-    p.set_defaults(pretrained_files=sorted(flat["pretrained_files"].items()))
     return p
-
-
-def _dests(parser: argparse.ArgumentParser) -> list[str]:
-    return [a.dest for a in parser._actions]
 
 
 def backbone_file(text: str) -> tuple[str, str]:
@@ -260,18 +253,8 @@ def main(argv=None) -> int:
     status = 0
     if accelerator.is_main_process and last >= 2:
         # analysis and export need no device: the other processes wait at the barrier below
-        run_info = json.loads((run_dir / RUN_CONFIG).read_text())
-        for name in cfg.backbones:
-            if not (args.resume and (run_dir / name / "analysis.json").is_file()):
-                analyze_backbone(name, cfg, data, run_dir)
-            if last >= 3 and not (args.resume and (run_dir / name / EXPORT_DIR / "README.md").is_file()):
-                export_backbone(name, cfg, data, run_info, run_dir)
-        if last >= 3 and args.push_to_hub:
-            status = push_run(run_dir, cfg.backbones, args.push_to_hub)
-        rows = [read_backbone_row(run_dir / name) for name in cfg.backbones]
-        comparison = write_comparison(rows, run_dir)
-        accelerator.print((run_dir / "comparison.md").read_text())
-        accelerator.print(f"best on validation: {comparison['best_backbone']}")
+        status = finish_run(cfg, data, run_dir, export=last >= 3, push_prefix=args.push_to_hub,
+                            keep_finished=args.resume)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return status

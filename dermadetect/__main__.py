@@ -24,10 +24,9 @@ from .engine import make_accelerator
 from .explain import CAM_METHODS
 from .inference import InvalidImageError, Predictor
 from .labels import DISCLAIMER
-from .pipeline import (RunFolderError, analyze_backbone, evaluate_backbone, export_backbone, load_run_data,
-                       push_run, read_run)
+from .pipeline import RunFolderError, evaluate_backbone, finish_run, load_run_data, read_run
 from .posthoc import OOD_FILE
-from .report import read_backbone_row, results_markdown, sweep_markdown, write_comparison
+from .report import results_markdown, sweep_markdown
 
 
 def main(argv=None) -> int:
@@ -110,27 +109,19 @@ def run_stage(stage: str, run_dir: Path, push_prefix: str | None = None, private
     analyze and export run in the main process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg, run_info = read_run(run_dir)
+        cfg, _ = read_run(run_dir)
         data = load_run_data(run_dir, cfg)
-    except RunFolderError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    if stage == "evaluate":
+        if stage != "evaluate":
+            return finish_run(cfg, data, run_dir, analyze=stage == "analyze", export=stage == "export",
+                              push_prefix=push_prefix, private=private)
         accelerator = make_accelerator(cfg.train)
         for name in cfg.backbones:
             evaluate_backbone(name, cfg, data, accelerator, run_dir)
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        return 0
-    for name in cfg.backbones:
-        if stage == "analyze":
-            analyze_backbone(name, cfg, data, run_dir)
-        else:
-            export_backbone(name, cfg, data, run_info, run_dir)
-    status = push_run(run_dir, cfg.backbones, push_prefix, private) if push_prefix else 0
-    comparison = write_comparison([read_backbone_row(run_dir / name) for name in cfg.backbones], run_dir)
-    print((run_dir / "comparison.md").read_text())
-    print(f"best on validation: {comparison['best_backbone']}")
-    return status
+    except RunFolderError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
 
 
 RESULT_FILES = ("metrics.json", "explain_faithfulness.json", "analysis.json", "posthoc.json", "confusion_matrix.png",

@@ -32,7 +32,7 @@ from .labels import melanoma_index
 from .metrics import classification_metrics, json_safe
 from .models import count_parameters, create_backbone
 from .posthoc import OOD_FILE, TTA_VIEWS, MahalanobisDetector, PostHocSettings, nll, softmax
-from .report import plot_cam_gallery, read_backbone_row, write_backbone_plots
+from .report import plot_cam_gallery, read_backbone_row, write_backbone_plots, write_comparison
 from .study import analyze, photo_samples
 
 logger = logging.getLogger(__name__)
@@ -124,8 +124,7 @@ def evaluate_backbone(name: str, cfg: RunConfig, data: LesionData, accelerator: 
                              "metrics.json reports; copy it with best/")
     _, eval_tf, data_config = build_transforms(model, cfg.data)
     tables = {split: as_torch_dataset(data.splits[split], names, eval_tf) for split in ("train", "validation", "test")}
-    photos = photo_samples()
-    tables["photos"] = [{"pixel_values": eval_tf(image), "label": -1} for _, image in photos]
+    tables["photos"] = [{"pixel_values": eval_tf(image), "label": -1} for _, image in photo_samples()]
     loaders = [DataLoader(tables[split], batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
                           collate_fn=collate) for split in SPLIT_VIEWS]
     model, *loaders = accelerator.prepare(model, *loaders)
@@ -149,8 +148,7 @@ def evaluate_backbone(name: str, cfg: RunConfig, data: LesionData, accelerator: 
                               probs.argmax(axis=1))
         row["history"] = state.history
         (out / METRICS_FILE).write_text(json.dumps(row, indent=1, allow_nan=False))
-        write_backbone_plots(outputs["test"]["labels"], softmax(outputs["test"]["logits"][:, 0]), names,
-                             state.history, out, name)
+        write_backbone_plots(labels, probs, names, state.history, out, name)  # the test split's
         accelerator.print(f"{name}: evaluated; test balanced accuracy of the network alone "
                           f"{row['test']['balanced_accuracy']:.3f}")
     accelerator.free_memory(model, *loaders)
@@ -174,8 +172,7 @@ def analyze_backbone(name: str, cfg: RunConfig, data: LesionData, run_dir: Path)
         raise RunFolderError(f"{name} has no evaluation outputs: run `python -m dermadetect evaluate {run_dir}`")
     outputs = {split: dict(np.load(outputs_path(run_dir, name, split))) for split in SPLIT_VIEWS}
     analysis, settings, detector, served = analyze(
-        name, outputs, data.splits, data.label_names, [n for n, _ in photo_samples()], cfg.train.bootstrap_resamples,
-        out)
+        name, outputs, data.splits, data.label_names, cfg.train.bootstrap_resamples, out)
     (out / ANALYSIS_FILE).write_text(json.dumps(analysis, indent=1, allow_nan=False))
     (out / SETTINGS_FILE).write_text(json.dumps(settings.to_json(), indent=1))
     detector.save(out)
@@ -265,6 +262,24 @@ def write_examples(export: Path, examples: list[tuple]) -> None:
         image.convert("RGB").save(export / name, quality=95)
         listing.append({"file": name, "label": label})
     (export / "examples.json").write_text(json.dumps(listing, indent=1))
+
+
+def finish_run(cfg: RunConfig, data: LesionData, run_dir: Path, analyze: bool = True, export: bool = True,
+               push_prefix: str | None = None, private: bool = False, keep_finished: bool = False) -> int:
+    """Analyse and/or export every backbone of an evaluated run (keep_finished: skip those already done), push
+    the exports if asked, and write the comparison. Main process only. Returns 1 if a push failed."""
+    run_dir = Path(run_dir)
+    run_info = json.loads((run_dir / RUN_CONFIG).read_text())
+    for name in cfg.backbones:
+        if analyze and not (keep_finished and (run_dir / name / ANALYSIS_FILE).is_file()):
+            analyze_backbone(name, cfg, data, run_dir)
+        if export and not (keep_finished and (run_dir / name / EXPORT_DIR / "README.md").is_file()):
+            export_backbone(name, cfg, data, run_info, run_dir)
+    status = push_run(run_dir, cfg.backbones, push_prefix, private) if push_prefix else 0
+    comparison = write_comparison([read_backbone_row(run_dir / name) for name in cfg.backbones], run_dir)
+    print((run_dir / "comparison.md").read_text())
+    print(f"best on validation: {comparison['best_backbone']}")
+    return status
 
 
 def push_run(run_dir: Path, backbones, prefix: str, private: bool = False) -> int:

@@ -85,7 +85,7 @@ def subgroups(table, labels, probs, predictions, label_names, mel: int | None, m
     return out
 
 
-def analyze(name: str, outputs: dict[str, dict], tables: dict, label_names, photo_names, resamples: int,
+def analyze(name: str, outputs: dict[str, dict], tables: dict, label_names, resamples: int,
             out: Path) -> tuple[dict, PostHocSettings, MahalanobisDetector, dict]:
     """The analysis of one trained model from its evaluation pass (`outputs`: train with one view, validation,
     test and the non-dermoscopic photos with TTA_VIEWS views). Writes reliability_diagram.png into `out`.
@@ -136,13 +136,13 @@ def analyze(name: str, outputs: dict[str, dict], tables: dict, label_names, phot
     is_photo = np.r_[np.zeros(len(test_scores)), np.ones(len(photo_scores))]
     ood = {"method": "mahalanobis (nearest class, shared Ledoit-Wolf covariance, penultimate features of train)",
            "threshold": detector.threshold, "threshold_rule": f"{OOD_KEEP_IN_DISTRIBUTION:.0%} of validation kept",
-           "photos": list(photo_names),
+           "photos": list(PHOTO_SAMPLES),
            "auroc_test_vs_photos": float(roc_auc_score(is_photo, np.r_[test_scores, photo_scores])),
            "auroc_energy_test_vs_photos": float(roc_auc_score(
                is_photo, np.r_[energy_score(test_z, temperature), energy_score(photo_z, temperature)])),
            "test_flagged": float(np.mean(test_scores > detector.threshold)),
            "photos_flagged": float(np.mean(photo_scores > detector.threshold)),
-           "photo_scores": {n: float(s) for n, s in zip(photo_names, photo_scores)}}
+           "photo_scores": {n: float(s) for n, s in zip(PHOTO_SAMPLES, photo_scores)}}
 
     test_table = tables["test"]
     analysis = {
