@@ -4,9 +4,9 @@
                                             any process count: accelerate launch -m dermadetect evaluate RUN)
     python -m dermadetect analyze RUN       post-hoc settings and statistics from that pass (validation only)
     python -m dermadetect export RUN [--push-to-hub ORG/PREFIX]   the served model folders, and their upload
-    python -m dermadetect publish RUN [--bundle BACKBONE] [--force]   results/, README block, bundled model
+    python -m dermadetect publish RUN [--bundle BACKBONE] [--force]   results/, its generated table, bundled model
     python -m dermadetect predict IMAGE... --model SRC   one JSON line per image
-    python -m dermadetect sweep-table results/NAME       README's table of a committed settings sweep
+    python -m dermadetect sweep-table results/NAME       the generated table (README.md or docs/) of a committed settings sweep
     python -m dermadetect compact-copy DATA_DIR TARGET   the dataset re-encoded as WebP, for a size-limited transfer
 """
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     publish.add_argument("--repo", default=".", help="repository root (default: .)")
     publish.add_argument("--force", action="store_true",
                          help="bundle the model even if it scores below the bundled one")
-    sweep = commands.add_parser("sweep-table", help="README's table of a committed settings sweep")
+    sweep = commands.add_parser("sweep-table", help="the generated table (README.md or docs/) of a committed settings sweep")
     sweep.add_argument("folder", help="results/NAME: one folder per run with config.json and trainer_state.json")
     sweep.add_argument("--reference", default="base", help="the run the others are compared with (default: base)")
     sweep.add_argument("--repo", default=".", help="repository root (default: .)")
@@ -132,24 +132,26 @@ BUNDLE_FILES = ("config.json", "model.safetensors", "README.md", "examples.json"
 
 
 def results_markers(run_name: str) -> tuple[str, str]:
-    """The comments around a run's generated results block in README.md."""
+    """The comments around a run's generated results block in README.md or a page of docs/."""
     return f"<!-- results:{run_name}:start -->", f"<!-- results:{run_name}:end -->"
 
 
-def readme_block_span(readme: str, name: str) -> tuple[int, int]:
-    """Where `name`'s generated block lies in README.md's text, between its markers."""
+def block_file(repo: Path, name: str) -> Path:
+    """The page (README.md or docs/*.md) that holds `name`'s generated block between its markers."""
     start, end = results_markers(name)
-    if start not in readme or end not in readme:
-        raise SystemExit(f"README.md has no place for {name}'s results: add the lines {start} and {end} where "
-                         "the table belongs")
-    return readme.index(start) + len(start), readme.index(end)
+    for page in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]:
+        if page.is_file() and start in page.read_text() and end in page.read_text():
+            return page
+    raise SystemExit(f"neither README.md nor docs/*.md has a place for {name}'s results: add the lines {start} "
+                     f"and {end} where the table belongs")
 
 
 def write_readme_block(repo: Path, name: str, text: str) -> None:
-    """Replace what README.md holds between `name`'s results markers."""
-    readme = (repo / "README.md").read_text()
-    start, end = readme_block_span(readme, name)
-    (repo / "README.md").write_text(readme[:start] + "\n" + text + "\n" + readme[end:])
+    """Replace what the page holding `name`'s results markers has between them."""
+    page = block_file(repo, name)
+    content = page.read_text()
+    start, end = results_markers(name)
+    page.write_text(content[:content.index(start) + len(start)] + "\n" + text + "\n" + content[content.index(end):])
 
 
 def served_balanced_accuracy(model_dir: Path) -> float:
@@ -175,7 +177,7 @@ def publish_run(run_dir: Path, bundle: str | None, repo: Path, force: bool = Fal
     """Copy a run's results (no images of the data) into results/<run>/ and its results table into README.md
     (between the run's markers); with `bundle`, also that backbone's export into models/dermadetect-<bundle>/
     (the one bundled model) and its card into model_card.md. Everything copied was written by train.py."""
-    readme_block_span((repo / "README.md").read_text(), run_dir.name)  # fail before anything is copied
+    block_file(repo, run_dir.name)  # fail before anything is copied
     if bundle is not None:
         check_bundle_is_no_worse(run_dir, bundle, repo, force)
     results = repo / "results" / run_dir.name
