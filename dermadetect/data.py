@@ -23,7 +23,7 @@ from timm.data import create_transform, resolve_model_data_config
 from torchvision import transforms as T
 
 from .config import DataConfig
-from .labels import HAM10000_CLASSES
+from .labels import HAM10000_CLASSES, accepted_spellings, ham10000_code
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +234,18 @@ def _normalise(table: datasets.Dataset) -> datasets.Dataset:
 
 # ---------------------------------------------------------------- validation
 
+def to_ham10000_codes(tables: dict[str, datasets.Dataset], has_lesion_ids: bool) -> dict[str, datasets.Dataset]:
+    """Rewrite dx in HAM10000 codes, whichever spelling the source uses. Metadata sources are HAM10000, so a label
+    that does not map stays as it is for `validate` to report; class folders are HAM10000 only when every folder
+    name maps (the ISIC 9-class layout has classes HAM10000 lacks and keeps its own names)."""
+    labels = {dx for table in tables.values() for dx in set(table["dx"])}
+    if not has_lesion_ids and not all(ham10000_code(dx) for dx in labels):
+        return tables
+    # add_column keeps the image bytes where they are; map() would rewrite the whole table
+    return {split: table.remove_columns("dx").add_column("dx", [ham10000_code(dx) or dx for dx in table["dx"]])
+            for split, table in tables.items()}
+
+
 def validate(tables: dict[str, datasets.Dataset], allowed_labels: set[str] | None,
              skip_bad_images: bool) -> tuple[dict[str, datasets.Dataset], list[BadRow]]:
     """Find every row that cannot be used: missing or unreadable image, unknown label, duplicate image_id.
@@ -250,8 +262,8 @@ def validate(tables: dict[str, datasets.Dataset], allowed_labels: set[str] | Non
             else:
                 seen[image_id] = split
             if allowed_labels is not None and dx not in allowed_labels:
-                bad.append(BadRow(split, row, image_id,
-                                  f"unknown label {dx!r}; expected one of {sorted(allowed_labels)}"))
+                bad.append(BadRow(split, row, image_id, f"unknown label {dx!r}; accepted (any case, '_' or '-' "
+                                  f"for spaces): {accepted_spellings()}"))
         images = table.cast_column("image", datasets.Image(decode=False))["image"]
         with ThreadPoolExecutor(max_workers=4) as pool:
             problems = pool.map(image_problem, images)
@@ -314,7 +326,8 @@ def load_lesion_data(cfg: DataConfig, seed: int) -> LesionData:
     (and any subsample) uses `cfg.split_seed`, or `seed` where that is None."""
     seed = seed if cfg.split_seed is None else cfg.split_seed
     tables, source, has_lesion_ids = load_source(cfg)
-    # metadata sources use HAM10000 codes, so anything else is a typo; folder names define their own classes
+    tables = to_ham10000_codes(tables, has_lesion_ids)
+    # metadata sources are HAM10000, so a label that names none of its classes is a typo
     allowed = set(HAM10000_CLASSES) if has_lesion_ids else None
     tables, dropped = validate(tables, allowed, cfg.skip_bad_images)
     if not has_lesion_ids:

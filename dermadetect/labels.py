@@ -1,7 +1,23 @@
 """The lesion classes DermaDetect knows by name: codes, readable names, and which are malignant."""
 
+import re
+
 # HAM10000 / ISIC 2018 Task 3 diagnosis codes, in the dataset's own alphabetical order.
 HAM10000_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+
+# Every spelling of the seven diagnoses in public HAM10000 copies, after `_spelling_key` (case, "_", "-" and
+# spaces do not matter): the codes, marmal88/skin_cancer's words (e.g. "benign_keratosis-like_lesions",
+# "melanocytic_Nevi") and the full names of the HAM10000 paper and the ISIC challenges.
+HAM10000_SPELLINGS = {
+    "akiec": ("akiec", "actinic keratoses", "actinic keratosis", "actinic keratoses and intraepithelial carcinoma",
+              "actinic keratoses and intraepithelial carcinoma / bowen's disease"),
+    "bcc": ("bcc", "basal cell carcinoma"),
+    "bkl": ("bkl", "benign keratosis like lesions", "benign keratosis like lesion", "benign keratosis"),
+    "df": ("df", "dermatofibroma"),
+    "mel": ("mel", "melanoma"),
+    "nv": ("nv", "melanocytic nevi", "melanocytic nevus", "nevus"),
+    "vasc": ("vasc", "vascular lesions", "vascular lesion"),
+}
 
 READABLE_NAMES = {
     "akiec": "Actinic keratosis / intraepithelial carcinoma",
@@ -31,6 +47,23 @@ MELANOMA_LABELS = ("mel", "melanoma")
 
 DISCLAIMER = ("DermaDetect is a research tool. It assists; it never diagnoses. "
               "Only a clinician who examines the lesion can make a diagnosis.")
+
+
+def _spelling_key(label: str) -> str:
+    return re.sub(r"[\s_-]+", " ", label.strip().lower())
+
+
+_CODE_OF = {_spelling_key(spelling): code for code, spellings in HAM10000_SPELLINGS.items() for spelling in spellings}
+
+
+def ham10000_code(label: str) -> str | None:
+    """The HAM10000 code of any known spelling of a diagnosis ('melanocytic_Nevi' -> 'nv'), else None."""
+    return _CODE_OF.get(_spelling_key(label))
+
+
+def accepted_spellings() -> str:
+    """The spellings ham10000_code accepts, one group per code, for error messages."""
+    return "; ".join(", ".join(spellings) for spellings in HAM10000_SPELLINGS.values())
 
 
 def readable_name(label: str) -> str:

@@ -79,6 +79,45 @@ def make_imagefolder(src: Path, dst: Path, per_class_train: int, per_class_test:
     return dst
 
 
+# marmal88/skin_cancer (the Hub's HAM10000) labels rows with these words, not with the HAM10000 codes
+SKIN_CANCER_WORDS = {"akiec": "actinic_keratoses", "bcc": "basal_cell_carcinoma", "bkl": "benign_keratosis-like_lesions",
+                     "df": "dermatofibroma", "mel": "melanoma", "nv": "melanocytic_Nevi", "vasc": "vascular_lesions"}
+SKIN_CANCER_FEATURES = {"image": {"_type": "Image"}, "image_id": "string", "lesion_id": "string", "dx": "string",
+                        "dx_type": "string", "age": "float64", "sex": "string", "localization": "string"}
+
+
+def write_skin_cancer_repo(image_dir: Path, rows: list[dict], dst: Path) -> Path:
+    """A dataset repo laid out and typed as marmal88/skin_cancer: README.md with its dataset_info (features,
+    split sizes) and configs, train/validation/test parquet files as `datasets` writes them (images embedded),
+    word labels, and splits that share rows as the published ones do (13,354 rows for 10,015 images)."""
+    import datasets
+    import yaml
+
+    features = datasets.Features.from_dict({name: kind if isinstance(kind, dict) else {"dtype": kind, "_type": "Value"}
+                                            for name, kind in SKIN_CANCER_FEATURES.items()})
+    (dst / "data").mkdir(parents=True)
+    n = len(rows)
+    splits = []
+    for split, (start, stop) in (("train", (0, int(n * 0.8))), ("validation", (int(n * 0.6), n)),
+                                 ("test", (int(n * 0.5), n))):
+        part = rows[start:stop]
+        table = datasets.Dataset.from_dict({
+            "image": [{"bytes": (image_dir / r["file_name"]).read_bytes(), "path": None} for r in part],
+            "image_id": [r["image_id"] for r in part], "lesion_id": [r["lesion_id"] for r in part],
+            "dx": [SKIN_CANCER_WORDS[r["dx"]] for r in part], "dx_type": [r["dx_type"] for r in part],
+            "age": [float(r["age"]) if r["age"] else None for r in part], "sex": [r["sex"] for r in part],
+            "localization": [r["localization"] for r in part]}, features=features)
+        size = table.to_parquet(str(dst / "data" / f"{split}-00000-of-00001.parquet"))
+        splits.append({"name": split, "num_bytes": float(size), "num_examples": len(part)})
+    card = {"dataset_info": {"features": [{"name": name, "dtype": "image" if isinstance(kind, dict) else kind}
+                                          for name, kind in SKIN_CANCER_FEATURES.items()], "splits": splits},
+            "configs": [{"config_name": "default",
+                         "data_files": [{"split": s["name"], "path": f"data/{s['name']}-*"} for s in splits]}],
+            "tags": ["skin_cancer", "HAM10000"], "pretty_name": "HAM10000"}
+    (dst / "README.md").write_text(f"---\n{yaml.safe_dump(card, sort_keys=False)}---\n# Dataset Card for \"skin_cancer\"\n")
+    return dst
+
+
 def run_train(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
     """train.py in a fresh process, as a user runs it."""
     result = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, capture_output=True,

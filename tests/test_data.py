@@ -10,15 +10,23 @@ import sys
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 import train
-from conftest import REPO, make_imagefolder, pick_rows, read_metadata, write_metadata
+from conftest import REPO, make_imagefolder, pick_rows, read_metadata, write_metadata, write_skin_cancer_repo
 from dermadetect.config import DataConfig, RunConfig
 from dermadetect.data import (BadDataError, LesionLeakError, check_no_lesion_leak,
                               class_weights, lesion_grouped_split, load_lesion_data)
 from dermadetect.labels import HAM10000_CLASSES
+
+
+@pytest.fixture()
+def datasets_cache(tmp_path, monkeypatch):
+    """A cache of its own: `datasets` keys a local repo folder by its name and card, not by its files."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
 
 
 @pytest.fixture(scope="module")
@@ -110,25 +118,34 @@ def test_split_seed_fixes_the_split_whatever_the_training_seed(small_data):
     assert validation(7) != validation(8)
 
 
-def test_hub_dataset_with_overlapping_splits_is_pooled_and_resplit(ham224, tmp_path):
-    """The layout of marmal88/skin_cancer (parquet splits that share images), loaded through datasets."""
+def test_hub_dataset_in_skin_cancer_schema_is_pooled_and_resplit(ham224, tmp_path, datasets_cache):
+    """marmal88/skin_cancer's layout, types and word labels (parquet splits that share images), through datasets."""
     rows = pick_rows(read_metadata(ham224 / "train" / "metadata.csv"), per_class=12)
-    table = datasets.Dataset.from_dict({
-        "image": [str(ham224 / "train" / r["file_name"]) for r in rows],
-        "image_id": [r["image_id"] for r in rows], "lesion_id": [r["lesion_id"] for r in rows],
-        "dx": [r["dx"] for r in rows], "dx_type": [r["dx_type"] for r in rows],
-    }).cast_column("image", datasets.Image())
-    (tmp_path / "data").mkdir()
-    n = len(table)
-    for split, idx in (("train", range(0, int(n * 0.8))), ("validation", range(int(n * 0.6), n)),
-                       ("test", range(int(n * 0.5), n))):
-        table.select(idx).to_parquet(str(tmp_path / "data" / f"{split}-00000-of-00001.parquet"))
-    data = load_lesion_data(DataConfig(dataset=str(tmp_path)), seed=0)
+    repo = write_skin_cancer_repo(ham224 / "train", rows, tmp_path / "skin_cancer")
+    data = load_lesion_data(DataConfig(dataset=str(repo)), seed=0)
     ids = [i for t in data.splits.values() for i in t["image_id"]]
-    assert sorted(ids) == sorted(table["image_id"])  # every image once: duplicates across splits dropped
+    assert sorted(ids) == sorted(r["image_id"] for r in rows)  # every image once: duplicates across splits dropped
     assert data.source.startswith("hub:")
+    assert data.label_names == HAM10000_CLASSES  # the words became the codes
+    truth = {r["image_id"]: r["dx"] for r in rows}
+    assert all(truth[i] == dx for t in data.splits.values() for i, dx in zip(t["image_id"], t["dx"]))
     check_no_lesion_leak(data.splits)
     assert data.splits["train"][0]["image"].size == (224, 224)
+
+
+def test_unknown_label_word_names_the_row_and_the_spellings(ham224, tmp_path, datasets_cache):
+    rows = pick_rows(read_metadata(ham224 / "train" / "metadata.csv"), per_class=4)
+    repo = write_skin_cancer_repo(ham224 / "train", rows, tmp_path / "skin_cancer")
+    part = repo / "data" / "train-00000-of-00001.parquet"
+    table = pq.read_table(part)
+    dx = table.column("dx").to_pylist()
+    dx[3] = "melanocytic_naevus"
+    pq.write_table(table.set_column(table.schema.get_field_index("dx"), "dx", pa.array(dx)), part)
+    with pytest.raises(BadDataError) as err:
+        load_lesion_data(DataConfig(dataset=str(repo)), seed=0)
+    message = str(err.value)
+    assert f"image_id={rows[3]['image_id']}: unknown label 'melanocytic_naevus'" in message
+    assert "melanocytic nevi" in message and "basal cell carcinoma" in message
 
 
 def test_raw_ham10000_layout(ham224, tmp_path):
@@ -145,9 +162,14 @@ def test_raw_ham10000_layout(ham224, tmp_path):
     assert data.label_names == HAM10000_CLASSES
 
 
-def test_class_folders_warn_and_split_by_image(ham224, tmp_path):
-    """The ISIC 9-class layout: Train/<class>/ and Test/<class>/, labels from the folder names."""
-    names = {"mel": "melanoma", "nv": "nevus", "bcc": "basal cell carcinoma"}
+@pytest.mark.parametrize("names, label_names", [
+    # the ISIC 9-class layout has classes HAM10000 lacks: its folder names stay the labels
+    ({"mel": "melanoma", "nv": "nevus", "bkl": "seborrheic keratosis"},
+     ("melanoma", "nevus", "seborrheic keratosis")),
+    # folders that all name HAM10000 classes, in any spelling, become its codes
+    ({"mel": "Melanoma", "nv": "melanocytic_Nevi", "bcc": "BCC"}, ("bcc", "mel", "nv"))])
+def test_class_folders_warn_and_split_by_image(ham224, tmp_path, names, label_names):
+    """Train/<class>/ and Test/<class>/, labels from the folder names."""
     for split, per_class in (("Train", 8), ("Test", 3)):
         rows = pick_rows(read_metadata(ham224 / "train" / "metadata.csv"), per_class=per_class + 8)
         for code, name in names.items():
@@ -159,7 +181,7 @@ def test_class_folders_warn_and_split_by_image(ham224, tmp_path):
                 (folder / row["file_name"]).symlink_to(ham224 / "train" / row["file_name"])
     with pytest.warns(UserWarning, match="no lesion ids"):
         data = load_lesion_data(DataConfig(data_dir=str(tmp_path), val_fraction=0.25), seed=0)
-    assert data.label_names == tuple(sorted(names.values()))
+    assert data.label_names == label_names
     assert len(data.splits["test"]) == 9
     assert not data.grouped_by_lesion
 
