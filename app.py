@@ -1,8 +1,8 @@
 """DermaDetect demo (Hugging Face Space and `python app.py`): label chart and Grad-CAM side by side.
 
 Model source: --model or DERMADETECT_MODEL (hf-hub:ORG/NAME[@REV] or a local folder); the default is the
-published ConvNeXtV2 on the Hub, and when that cannot be had the bundled model in models/ is served, with a
-notice on the page.
+published ConvNeXtV2 on the Hub, and when that is not published or cannot be reached (one request, no retries)
+the bundled model in models/ is served at once, with a notice on the page that says which.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from pathlib import Path
 
 import gradio as gr
 from huggingface_hub import ModelCard
+from huggingface_hub import constants as hub_constants
 from PIL import Image
 
 from dermadetect.explain import CAM_METHODS
-from dermadetect.hub import ModelSourceError
+from dermadetect.hub import HubRepoMissing, HubUnreachable, ModelSourceError
 from dermadetect.inference import InvalidImageError, Prediction, Predictor
 from dermadetect.labels import DISCLAIMER, MALIGNANT, readable_name
 from dermadetect.posthoc import MELANOMA_TARGET_SENSITIVITY
@@ -58,23 +59,40 @@ class UploadPath(gr.Image):
 
 
 def load_predictor(source: str | None) -> tuple[Predictor, str]:
-    """The requested model, or the bundled one when the default Hub model is out of reach."""
-    requested = source or os.environ.get("DERMADETECT_MODEL") or HUB_MODEL
+    """The requested model, or the bundled one when the default Hub model cannot be had, with a notice that
+    says why (not published yet, or the Hub out of reach and the model not cached)."""
+    requested = source or os.environ.get("DERMADETECT_MODEL")
+    if requested:
+        return Predictor(requested), ""  # the user asked for this model: an error, not a silent swap
     try:
-        return Predictor(requested), ""
+        return Predictor(HUB_MODEL), ""
     except ModelSourceError as exc:
-        if source or os.environ.get("DERMADETECT_MODEL"):
-            raise  # the user asked for this model: do not swap it silently
         logger.warning("default model unavailable (%s); serving the bundled model", exc)
-        notice = (f"The published model ({requested}) could not be reached, so this page serves the bundled "
-                  f"offline model instead. ({exc})")
-        return Predictor(str(BUNDLED_MODEL)), notice
+        published = f"The published model ({HUB_MODEL[len('hf-hub:'):]})"
+        if isinstance(exc, HubRepoMissing):
+            why = f"{published} is not on the Hub yet"
+        elif isinstance(exc, HubUnreachable):
+            hub = "is switched off here (HF_HUB_OFFLINE=1)" if hub_constants.HF_HUB_OFFLINE else "could not be reached"
+            why = f"{published} is not cached here and the Hugging Face Hub {hub}"
+        else:
+            why = f"{published} could not be loaded ({exc})"
+        return Predictor(str(BUNDLED_MODEL)), f"{why}, so this page serves the bundled model instead."
+
+
+def model_name(predictor: Predictor) -> str:
+    """The Hub id and commit, or "bundled: NAME", or a local folder's name: never a path of this machine."""
+    loaded = predictor.loaded
+    if loaded.source.startswith("hf-hub:"):
+        return loaded.source[len("hf-hub:"):]
+    if loaded.folder.resolve() == BUNDLED_MODEL:
+        return f"bundled: {BUNDLED_MODEL.name}"
+    return f"local: {loaded.folder.name}"
 
 
 def model_summary(predictor: Predictor) -> str:
     """Which model this page serves and its test metrics, read from the model's own card."""
     loaded = predictor.loaded
-    lines = [f"**Model:** `{loaded.source}` (backbone `{loaded.architecture}`, "
+    lines = [f"**Model:** `{model_name(predictor)}` (backbone `{loaded.architecture}`, "
              f"{len(predictor.label_names)} classes, input {predictor.data_config['input_size'][1]} px)"]
     card = loaded.folder / "README.md"
     if card.is_file():
@@ -91,21 +109,12 @@ def model_summary(predictor: Predictor) -> str:
 
 
 def find_examples(predictor: Predictor) -> list[list[str]]:
-    """The model folder's examples/ (listed in examples.json); files not shipped with it (the bundled model
-    carries no dataset images) are looked up in DERMADETECT_DATA's ISIC 2018 test images."""
+    """The example images the model folder ships (listed in examples.json, under examples/)."""
     listing = predictor.loaded.folder / "examples.json"
     if not listing.is_file():
         return []
-    data = os.environ.get("DERMADETECT_DATA")
-    found = []
-    for entry in json.loads(listing.read_text()):
-        candidates = [predictor.loaded.folder / entry["file"]]
-        if data:
-            candidates.append(Path(data) / "ham10000-224" / "test" / Path(entry["file"]).name)
-        path = next((c for c in candidates if c.is_file()), None)
-        if path:
-            found.append([str(path)])
-    return found
+    paths = [predictor.loaded.folder / entry["file"] for entry in json.loads(listing.read_text())]
+    return [[str(path)] for path in paths if path.is_file()]
 
 
 def summary_line(result: Prediction, label_names) -> str:
@@ -223,7 +232,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    predictor, notice = load_predictor(args.model)
+    try:
+        predictor, notice = load_predictor(args.model)
+    except ModelSourceError as exc:
+        parser.exit(2, f"error: {exc}\n")
     build_demo(predictor, notice).launch(server_name=args.host, server_port=args.port, ssr_mode=False,
                                          max_file_size=MAX_UPLOAD)
 

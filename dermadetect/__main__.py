@@ -22,6 +22,7 @@ from pathlib import Path
 from .data import write_compact_copy
 from .engine import make_accelerator
 from .explain import CAM_METHODS
+from .hub import ModelSourceError
 from .inference import InvalidImageError, Predictor
 from .labels import DISCLAIMER
 from .pipeline import RunFolderError, evaluate_backbone, finish_run, load_run_data, read_run
@@ -78,7 +79,11 @@ def main(argv=None) -> int:
         return run_stage(args.command, Path(args.run_dir), getattr(args, "push_to_hub", None),
                          getattr(args, "private", False))
 
-    predictor = Predictor(args.model)
+    try:
+        predictor = Predictor(args.model)
+    except ModelSourceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.explain and args.explain not in predictor.label_names:
         parser.error(f"--class {args.explain!r} is not one of {list(predictor.label_names)}")
     out = Path(args.out) if args.out else None
@@ -198,8 +203,9 @@ def publish_run(run_dir: Path, bundle: str | None, repo: Path, force: bool = Fal
         shutil.rmtree(previous)
     models = repo / "models" / f"dermadetect-{bundle}"
     models.mkdir(parents=True)
-    for name in BUNDLE_FILES:  # examples/ stays behind: the app finds those images in DERMADETECT_DATA
+    for name in BUNDLE_FILES:
         shutil.copy2(run_dir / bundle / "export" / name, models / name)
+    shutil.copytree(run_dir / bundle / "export" / "examples", models / "examples")  # attributed in the card
     shutil.copy2(models / "README.md", repo / "model_card.md")
 
 if __name__ == "__main__":

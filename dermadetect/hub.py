@@ -7,13 +7,16 @@ pretrained_cfg that reproduces the eval transform) and `model.safetensors`. Noth
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import timm
 import torch
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token, hf_hub_download
-from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
+import httpx2  # huggingface_hub's HTTP client: its transport errors mean "no answer"
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token, snapshot_download
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                    RevisionNotFoundError)
 from timm.data import resolve_model_data_config
 from timm.models import get_pretrained_cfg, save_for_hf
@@ -24,12 +27,25 @@ from .posthoc import OOD_FILE, MahalanobisDetector, PostHocSettings, SettingsErr
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 HUB_PREFIX = "hf-hub:"
+# what a model folder holds that the Predictor and the app read: weights, settings, OOD detector, card, examples
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, OOD_FILE, "README.md", "analysis.json", "examples.json", "examples/*")
+HUB_TIMEOUT = 5.0  # seconds for the one request that resolves a Hub revision; the Hub answers within one
 EXPORT_LICENSE = "cc-by-nc-4.0"   # the terms of the training data (HAM10000)
 EXPORT_TAG = "ham10000"
+
+logger = logging.getLogger(__name__)
 
 
 class ModelSourceError(RuntimeError):
     """A model folder or Hub repo that cannot be used; the message says why and what to do."""
+
+
+class HubRepoMissing(ModelSourceError):
+    """The Hub answered: no such repo (or a private one without a token)."""
+
+
+class HubUnreachable(ModelSourceError):
+    """The Hub did not answer (or HF_HUB_OFFLINE=1) and the local cache lacks the model."""
 
 
 @dataclass(frozen=True)
@@ -67,40 +83,57 @@ def export_for_hub(model: torch.nn.Module, architecture: str, label_names, data_
 
 
 def resolve_folder(source: str) -> tuple[Path, str]:
-    """A local folder, or the Hub cache snapshot of `hf-hub:ORG/NAME[@REVISION]` (downloaded if needed)."""
-    if not source.startswith(HUB_PREFIX):
+    """A local folder, or the Hub cache snapshot of `hf-hub:ORG/NAME[@REVISION]` (downloaded if needed), and how to
+    name it: the folder, or the repo at the commit it resolved to."""
+    if source.startswith(HUB_PREFIX):
+        folder, source = _snapshot(*_hub_ref(source))
+    else:
         folder = Path(source).expanduser()
         if not folder.is_dir():
             raise ModelSourceError(f"model folder {folder} does not exist; pass a folder with {CONFIG_FILE} and "
                                    f"{WEIGHTS_FILE}, or hf-hub:ORG/NAME[@REVISION]")
-        if not (folder / WEIGHTS_FILE).is_file():
-            raise ModelSourceError(f"{folder} has no {WEIGHTS_FILE}: only safetensors weights are loaded")
-        if not (folder / CONFIG_FILE).is_file():
-            raise ModelSourceError(f"{folder} has no {CONFIG_FILE} (timm's model config)")
-        return folder, str(folder)
-    repo_id, revision = _hub_ref(source)
-    config_path = _download(repo_id, CONFIG_FILE, revision)
-    _download(repo_id, WEIGHTS_FILE, revision)
-    return Path(config_path).parent, source
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise ModelSourceError(f"{source} has no {WEIGHTS_FILE}: only safetensors weights are loaded")
+    if not (folder / CONFIG_FILE).is_file():
+        raise ModelSourceError(f"{source} has no {CONFIG_FILE} (timm's model config)")
+    return folder, str(source if source.startswith(HUB_PREFIX) else folder)
 
 
-def _download(repo_id: str, filename: str, revision: str | None) -> str:
-    """One file through huggingface_hub's cache (HF_HUB_OFFLINE=1 uses the cache only)."""
+def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
+    """The model folder of a Hub repo (only MODEL_FILES: a repo may hold more) through huggingface_hub's cache.
+    One request with a short timeout asks the Hub first; when it gets no answer the cache is used, as with
+    HF_HUB_OFFLINE=1, and nothing is retried. snapshot_download gets the revision as asked (not the commit), so
+    that the cache remembers where `main` pointed for the next time the Hub is out of reach."""
     where = f"{repo_id}@{revision or 'main'}"
     try:
-        return hf_hub_download(repo_id, filename, revision=revision)
-    except LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: test it first
-        raise ModelSourceError(
-            f"cannot get {filename} of {where}: the Hub is not reachable and it is not in the local cache. "
-            "Connect once to fill the cache, or pass a local model folder instead") from exc
+        if not hub_constants.HF_HUB_OFFLINE:
+            try:
+                HfApi().repo_info(repo_id, revision=revision, timeout=HUB_TIMEOUT)
+            except (RepositoryNotFoundError, RevisionNotFoundError):
+                raise
+            except (httpx2.TransportError, HfHubHTTPError) as exc:  # no answer, or the Hub is down: try the cache
+                logger.info("the Hub did not answer for %s (%s): looking in the local cache", where, exc)
+                return _cached_snapshot(repo_id, revision, where)
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=list(MODEL_FILES))
+    except LocalEntryNotFoundError:  # offline, or the connection dropped after the first answer
+        return _cached_snapshot(repo_id, revision, where)
     except RepositoryNotFoundError as exc:
-        raise ModelSourceError(f"repo {repo_id} does not exist on the Hub, or is private (set HF_TOKEN)") from exc
+        raise HubRepoMissing(f"repo {repo_id} does not exist on the Hub, or is private (set HF_TOKEN)") from exc
     except RevisionNotFoundError as exc:
         raise ModelSourceError(f"revision {revision!r} does not exist in {repo_id}; pin a commit or tag that "
                                "does, or drop @REVISION to use main") from exc
-    except EntryNotFoundError as exc:
-        raise ModelSourceError(f"{where} has no {filename}: only repos with safetensors weights and a timm "
-                               f"{CONFIG_FILE} are loaded") from exc
+    return Path(folder), f"{HUB_PREFIX}{repo_id}@{Path(folder).name}"
+
+
+def _cached_snapshot(repo_id: str, revision: str | None, where: str) -> tuple[Path, str]:
+    try:
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=list(MODEL_FILES),
+                                   local_files_only=True)
+    except LocalEntryNotFoundError as exc:
+        why = "HF_HUB_OFFLINE=1 is set" if hub_constants.HF_HUB_OFFLINE else "the Hub is not reachable"
+        raise HubUnreachable(f"cannot get {where}: {why} and it is not in the local cache. Connect once to fill "
+                             "the cache, or pass a local model folder instead") from exc
+    return Path(folder), f"{HUB_PREFIX}{repo_id}@{Path(folder).name}"
 
 
 def load_model(source: str) -> LoadedModel:
@@ -115,11 +148,7 @@ def load_model(source: str) -> LoadedModel:
         raise ModelSourceError(str(exc)) from exc
     ood = None
     if settings.ood_threshold is not None:
-        if source.startswith(HUB_PREFIX):
-            repo_id, revision = _hub_ref(source)
-            ood_path = Path(_download(repo_id, OOD_FILE, revision))
-        else:
-            ood_path = folder / OOD_FILE
+        ood_path = folder / OOD_FILE
         if not ood_path.is_file():
             raise ModelSourceError(f"{described}: {CONFIG_FILE} sets an out-of-distribution threshold but "
                                    f"{OOD_FILE} is missing; copy the whole exported folder")
@@ -230,7 +259,8 @@ Per class, on the test split:
 
 ## Licence and citation
 The weights are released under CC BY-NC 4.0 (non-commercial, attribution), the terms of the training data.
-Cite the data:
+`examples/` holds one test image per class ({metrics['test_split']}; listed in `examples.json`): HAM10000 and
+ISIC 2018 images, CC BY-NC 4.0, by the authors cited here. Cite the data:
 - Tschandl P., Rosendahl C., Kittler H. The HAM10000 dataset, a large collection of multi-source dermatoscopic
   images of common pigmented skin lesions. Sci. Data 5, 180161 (2018). doi:10.1038/sdata.2018.161
 - Codella N. et al. Skin Lesion Analysis Toward Melanoma Detection 2018: A Challenge Hosted by the ISIC.

@@ -260,7 +260,7 @@ def write_examples(export: Path, examples: list[tuple]) -> None:
     for image, label, image_id in examples:
         name = f"examples/{image_id}.jpg"
         image.convert("RGB").save(export / name, quality=95)
-        listing.append({"file": name, "label": label})
+        listing.append({"file": name, "label": label, "image_id": image_id})
     (export / "examples.json").write_text(json.dumps(listing, indent=1))
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import shutil
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -264,3 +266,19 @@ def test_full_size_originals_and_cli(model_dirs, tmp_path):
         with Image.open(line["overlay"]) as overlay, Image.open(path) as original:
             assert overlay.size == original.size
     assert lines[3]["error_type"] == "NotAnImageError" and "upload" in lines[3]["error"]
+
+
+@pytest.mark.parametrize("command", [["-m", "dermadetect", "predict", "x.jpg"], ["app.py"]])
+def test_unreachable_model_is_one_line_and_exit_code_2(command, tmp_path):
+    """A model the user named that cannot be had: one plain line, exit code 2, no traceback, no bundled swap."""
+    with socket.socket() as s:  # a port nobody listens on: the Hub does not answer
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+    result = subprocess.run([sys.executable, *command, "--model", "hf-hub:derma/missing"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: cannot get derma/missing@main: the Hub is not reachable and it is not in the local "
+                      "cache. Connect once to fill the cache, or pass a local model folder instead"]
+    assert "Traceback" not in result.stderr
