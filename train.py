@@ -95,8 +95,9 @@ def backbone_file(text: str) -> tuple[str, str]:
 def parse_config(argv=None) -> tuple[argparse.Namespace, RunConfig]:
     """Defaults <- YAML file (or the resumed run's saved settings) <- flags, as one typed RunConfig."""
     pre = argparse.ArgumentParser(add_help=False)
-    for flag in ("--config", "--output-dir"):
+    for flag in ("--config", "--output-dir", "--data-dir"):
         pre.add_argument(flag)
+    pre.add_argument("--dataset", nargs="?", const=DEFAULT_HUB_DATASET)
     pre.add_argument("--resume", action="store_true")
     known, _ = pre.parse_known_args(argv)
     base = RunConfig()
@@ -106,6 +107,9 @@ def parse_config(argv=None) -> tuple[argparse.Namespace, RunConfig]:
         base, _ = read_run(Path(known.output_dir))
     elif known.config:
         base = RunConfig.from_dict({**base.to_dict(), **(yaml.safe_load(Path(known.config).read_text()) or {})})
+    if bool(known.data_dir) != bool(known.dataset) and not known.resume:
+        # the source named on the command line replaces the config file's (gpu.yaml names a local folder)
+        base = replace_nested(base, data={"data_dir": None, "dataset": None})
     args = build_parser(base).parse_args(argv)
     fields = section_fields()
     sections = {s: {} for s in ("data", "model", "train")}

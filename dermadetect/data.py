@@ -262,8 +262,7 @@ def validate(tables: dict[str, datasets.Dataset], allowed_labels: set[str] | Non
             else:
                 seen[image_id] = split
             if allowed_labels is not None and dx not in allowed_labels:
-                bad.append(BadRow(split, row, image_id, f"unknown label {dx!r}; accepted (any case, '_' or '-' "
-                                  f"for spaces): {accepted_spellings()}"))
+                bad.append(BadRow(split, row, image_id, f"unknown label {dx!r}"))
         images = table.cast_column("image", datasets.Image(decode=False))["image"]
         with ThreadPoolExecutor(max_workers=4) as pool:
             problems = pool.map(image_problem, images)
@@ -274,6 +273,8 @@ def validate(tables: dict[str, datasets.Dataset], allowed_labels: set[str] | Non
         return tables, []
     listing = "\n  ".join(str(b) for b in bad[:MAX_LISTED_PROBLEMS])
     more = f"\n  ... and {len(bad) - MAX_LISTED_PROBLEMS} more" if len(bad) > MAX_LISTED_PROBLEMS else ""
+    if any(b.reason.startswith("unknown label") for b in bad):
+        more += f"\nAccepted labels (any case, '_' or '-' for spaces): {accepted_spellings()}"
     if not skip_bad_images:
         raise BadDataError(f"{len(bad)} bad row(s) in the data:\n  {listing}{more}\n"
                            "Fix or remove them, or pass --skip-bad-images to drop them (they are reported).")

@@ -114,14 +114,17 @@ def test_two_process_evaluation_matches_one_process(smoke_run, tmp_path):
 
 
 def test_two_process_training_run_goes_from_fit_to_export(small_data, tmp_path):
-    """torchrun with 2 CPU processes trains two backbones, evaluates, analyses and exports them: the same split
-    as one process, every stage's files, and exports the Predictor loads."""
+    """`accelerate launch` with the shipped multi-GPU config file, as 2 processes on the CPU (gloo), trains two
+    backbones, evaluates, analyses and exports them: the same split as one process, every stage's files, and
+    exports the Predictor loads."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train.py"),
+    # not `--cpu`: accelerate then starts a single process; without a visible GPU the workers use gloo
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+           str(REPO / "configs" / "accelerate.yaml"), "--num_processes", "2", str(REPO / "train.py"),
            *SMALL_RUN, "--data-dir", str(small_data), "--backbones", "resnet18", "efficientnet_lite0",
            "--output-dir", str(out)]
-    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     single = tmp_path / "single"
     run_train(*SMALL_RUN, "--data-dir", str(small_data), "--backbones", "resnet18", "--output-dir", str(single),
