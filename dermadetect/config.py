@@ -23,6 +23,8 @@ class DataConfig:
     image_size: int | None = None        # None: the backbone's own input size
     num_workers: int = 2
     rotation_degrees: float = 180.0      # dermoscopy has no canonical "up"
+    shift_probability: float = 0.0       # chance of each upload shift in training (shift.RandomShift): lower
+                                         # resolution, aspect, colour cast, blur, JPEG
 
 
 @dataclass(frozen=True)

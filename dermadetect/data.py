@@ -24,6 +24,7 @@ from torchvision import transforms as T
 
 from .config import DataConfig
 from .labels import HAM10000_CLASSES, accepted_spellings, ham10000_code
+from .shift import RandomShift
 
 logger = logging.getLogger(__name__)
 
@@ -392,8 +393,10 @@ def build_transforms(model: torch.nn.Module, cfg: DataConfig) -> tuple[T.Compose
                   mean=data_config["mean"], std=data_config["std"])
     train_tf = create_transform(**common, is_training=True, scale=(0.35, 1.0), hflip=0.5,
                                 vflip=0.5, color_jitter=(0.2, 0.2, 0.15, 0.03))
-    # lesions have no canonical orientation; rotate before the crop so the crop trims the corners
-    train_tf = T.Compose([T.RandomRotation(cfg.rotation_degrees)] + list(train_tf.transforms))
+    # lesions have no canonical orientation; rotate before the crop so the crop trims the corners. The upload
+    # shifts act on the source image, so that the crop then enlarges a low-resolution copy as an upload would be
+    shifts = [RandomShift(cfg.shift_probability)] if cfg.shift_probability else []
+    train_tf = T.Compose([T.RandomRotation(cfg.rotation_degrees), *shifts] + list(train_tf.transforms))
     eval_tf = create_transform(**common, is_training=False, crop_pct=data_config["crop_pct"],
                                crop_mode=data_config.get("crop_mode", "center"))
     return train_tf, eval_tf, data_config

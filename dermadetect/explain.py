@@ -21,7 +21,7 @@ from pytorch_grad_cam.metrics.road import ROADCombined
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget, ClassifierOutputTarget
 
 from .models import target_layer
-from .posthoc import DEFAULT_CAM_METHOD, PostHocSettings, forward_views
+from .posthoc import DEFAULT_CAM_METHOD, PostHocSettings, forward_views, served_call
 
 CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "hirescam": HiResCAM,
                "layercam": LayerCAM, "eigencam": EigenCAM}
@@ -48,10 +48,7 @@ class CamExplainer:
     def __init__(self, model: torch.nn.Module, architecture: str, settings: PostHocSettings = PostHocSettings()):
         self.model = model.eval().requires_grad_(False)
         self.layer = target_layer(model, architecture)
-        self.temperature = settings.temperature
-        self.views = settings.tta_views
-        offsets = settings.logit_offsets()
-        self.logit_offsets = 0.0 if offsets is None else offsets
+        self.settings = settings
         # pytorch-grad-cam objects used for their CAM arithmetic only: their hooks are removed at once
         self._cams = {}
         for name, cls in CAM_METHODS.items():
@@ -65,11 +62,10 @@ class CamExplainer:
             raise ValueError(f"unknown CAM method {method!r}; choose one of {sorted(self._cams)}")
         cam_obj = self._cams[method]
         with torch.no_grad():
-            all_features, view_logits, pre_logits = forward_views(self.model, pixels[:1], self.views)
+            all_features, view_logits, pre_logits = forward_views(self.model, pixels[:1], self.settings.tta_views)
         view_logits, pre_logits = view_logits[0], pre_logits[0].numpy()
-        scaled = view_logits.mean(dim=0) / self.temperature
-        probs = scaled.softmax(dim=0).numpy()
-        decision = int(np.argmax(scaled.double().numpy() + self.logit_offsets))
+        probs, decisions = served_call(self.settings, view_logits.numpy()[None])
+        probs, decision = probs[0], int(decisions[0])
         index = decision if class_index is None else int(class_index)
         if not 0 <= index < view_logits.shape[1]:
             raise ValueError(f"class index {index} out of range 0..{view_logits.shape[1] - 1}")

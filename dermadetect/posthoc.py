@@ -91,6 +91,15 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return scipy.special.softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=-1)
 
 
+def served_call(settings: PostHocSettings, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What the served model makes of the logits of each image's views (N, views, C): calibrated probabilities
+    (N, C) from the mean over its TTA views and the temperature, and the call (N,) moved by the class-balanced
+    offsets. The Predictor and the robustness benchmark both go through here."""
+    scaled = logits[:, :settings.tta_views].astype(np.float64).mean(axis=1) / settings.temperature
+    offsets = settings.logit_offsets()
+    return softmax(scaled), np.argmax(scaled + (0.0 if offsets is None else offsets), axis=1)
+
+
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of the labels under softmax(logits / T)."""
     z = np.asarray(logits, dtype=np.float64) / temperature
