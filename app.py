@@ -28,7 +28,7 @@ from PIL import Image
 from dermadetect.explain import CAM_METHODS
 from dermadetect.hub import HubRepoMissing, HubUnreachable, ModelSourceError
 from dermadetect.inference import InvalidImageError, Prediction, Predictor
-from dermadetect.labels import DISCLAIMER, MALIGNANT, readable_name
+from dermadetect.labels import CLASS_NOTES, DISCLAIMER, MALIGNANT, readable_name
 from dermadetect.posthoc import MELANOMA_TARGET_SENSITIVITY
 
 logger = logging.getLogger("dermadetect.app")
@@ -43,6 +43,15 @@ LOW_CONFIDENCE = 0.5          # top probability under this is flagged
 HIGH_ENTROPY = 0.75           # entropy / log(num_classes) over this is flagged
 MAX_UPLOAD = "20mb"
 OVERLAY_DIR = Path(tempfile.gettempdir()) / "dermadetect-overlays"
+CAM_LEGEND = ("Colour: blue, little influence on the explained class -> red, most influence. The model sees only the "
+              "central square of the image; the dimmed border is outside it.")
+# phones: the chart above the overlay, each the full width (desktop keeps them side by side)
+CSS = """
+@media (max-width: 600px) {
+  #results { flex-direction: column !important; }
+  #results > * { width: 100% !important; min-width: 100% !important; }
+}
+"""
 
 
 class UploadPath(gr.Image):
@@ -90,21 +99,34 @@ def model_name(predictor: Predictor) -> str:
 
 
 def model_summary(predictor: Predictor) -> str:
-    """Which model this page serves and its test metrics, read from the model's own card."""
+    """Which model this page serves and how it scored on the held-out test set as served here (the call, the
+    melanoma flag, calibrated probabilities, with 95% intervals), from the analysis it ships with; the network
+    alone comes second, from its card."""
     loaded = predictor.loaded
     lines = [f"**Model:** `{model_name(predictor)}` (backbone `{loaded.architecture}`, "
              f"{len(predictor.label_names)} classes, input {predictor.data_config['input_size'][1]} px)"]
+    analysis = loaded.folder / "analysis.json"
+    if analysis.is_file():
+        a = json.loads(analysis.read_text())
+        ci = a["bootstrap"]["test"]
+
+        def interval(key: str) -> str:
+            return f"{ci[key]['value']:.3f} (95% CI {ci[key]['low']:.3f}-{ci[key]['high']:.3f})"
+
+        served = f"balanced accuracy {interval('balanced_accuracy')}"
+        if "melanoma_sensitivity_at_threshold" in ci:
+            mel = a["melanoma_operating_point"]["test"]
+            served += (f"; melanoma flag: sensitivity {interval('melanoma_sensitivity_at_threshold')}, "
+                       f"specificity {mel['specificity']:.3f}")
+        served += f"; calibration error (ECE) {a['calibration']['test']['after']['ece']:.3f}"
+        lines.append(f"**On held-out test images, as this page serves it:** {served}.")
     card = loaded.folder / "README.md"
     if card.is_file():
         results = ModelCard.load(card).data.eval_results or []
         if results:
             shown = ", ".join(f"{r.metric_name or r.metric_type} {r.metric_value:.3f}" for r in results)
-            lines.append(f"**Test metrics** ({results[0].dataset_name}): {shown}")
-            if loaded.settings.class_prior is not None:  # analysed: the settings carry the training prior
-                # the card's model-index scores the network alone; this page also applies what the analysis
-                # fitted, and the card's analysed section scores that
-                lines[-1] += (" (the network alone: argmax of one view. The model card also scores it as this page "
-                              "serves it, with the settings fitted on validation)")
+            label = "The network alone (one view, plain argmax)" if analysis.is_file() else "Test metrics"
+            lines.append(f"{label}, {results[0].dataset_name}: {shown}.")
     return "  \n".join(lines)
 
 
@@ -125,9 +147,11 @@ def summary_line(result: Prediction, label_names) -> str:
     entropy = -sum(p * math.log(p) for p in probabilities.values() if p > 0) / math.log(len(label_names))
     text = ""
     if result.out_of_distribution:
-        text += ("⚠️ **This does not look like a dermoscopy image** (it is far from every image the model was "
-                 "trained on). The scores below are meaningless for it: upload a dermatoscope photo of one "
-                 "lesion.\n\n")
+        return ("⚠️ **This does not look like a dermoscopy image**, so its scores are withheld: the model has only "
+                "seen dermoscopy images, and its scores mean nothing for other pictures. A dermoscopy image is taken "
+                "through a dermatoscope (a magnifier with its own light, held on the skin) and shows one lesion "
+                "filling most of the frame; ordinary phone photos of skin are not dermoscopy. Upload one, or show "
+                "the scores anyway knowing they are unreliable. This is not a diagnosis.")
     text += f"The model's call is **{readable_name(call)}** ({probabilities[call]:.0%}). "
     if call != top:
         text += (f"Its highest probability is {readable_name(top)} ({probabilities[top]:.0%}): the call weighs the "
@@ -135,7 +159,7 @@ def summary_line(result: Prediction, label_names) -> str:
                  "(balanced accuracy). ")
     text += (f"{malignant:.0%} of the probability falls on classes that include skin cancers "
              f"({', '.join(n for n in label_names if n in MALIGNANT)}). This is not a diagnosis.")
-    if result.melanoma_flag and not result.out_of_distribution:
+    if result.melanoma_flag:
         text += ("\n\n🔎 **Melanoma score above the study's screening threshold** (chosen on validation data to catch "
                  f"{MELANOMA_TARGET_SENSITIVITY:.0%} of melanomas, at the price of many false alarms). Only a clinician who examines the lesion "
                  "can tell what it is.")
@@ -171,7 +195,8 @@ def save_overlay(image: Image.Image) -> str:
 
 
 def make_handler(predictor: Predictor):
-    """The predict event: upload path and controls in; label dict, overlay and summary out."""
+    """The predict event: upload path and controls in; label dict, overlay and summary out (the API), plus
+    for the page whether the scores are withheld and the CAM for re-blending."""
     labels = list(predictor.label_names)
 
     def predict(image_path, cam_method=None, explain_class=TOP_CLASS, opacity=0.5):
@@ -181,14 +206,36 @@ def make_handler(predictor: Predictor):
         try:
             result = predictor.predict(image_path, explain=explain, method=cam_method, opacity=float(opacity))
         except (InvalidImageError, ValueError) as exc:  # ValueError: an unknown class or CAM method
-            raise gr.Error(str(exc)) from None
-        return result.readable, save_overlay(result.overlay), summary_line(result, labels)
+            message = str(exc)
+            raise gr.Error(message[:1].upper() + message[1:]) from None
+        return (result.readable, save_overlay(result.overlay), summary_line(result, labels),
+                result.out_of_distribution, result.cam)
 
     return predict
 
 
+def glossary(predictor: Predictor) -> str:
+    """The classes in plain words, which include cancers, and their share of the training images; what the tool
+    can and cannot do, and what to do next."""
+    analysis = predictor.loaded.folder / "analysis.json"
+    shares = json.loads(analysis.read_text())["decision"]["class_prior"] if analysis.is_file() else {}
+    rows = "\n".join(f"| {readable_name(n)} | {'malignant' if n in MALIGNANT else 'benign'} | "
+                     f"{CLASS_NOTES.get(n, '')} | {f'{shares[n]:.0%}' if n in shares else 'n/a'} |"
+                     for n in predictor.label_names)
+    return f"""| class | kind | what it is | share of training images |
+| --- | --- | --- | --- |
+{rows}
+
+**What it can do:** sort a dermoscopy image of one pigmented lesion into these {len(predictor.label_names)} classes
+and show where it looked. **What it cannot do:** diagnose; judge ordinary photos, other skin conditions or
+skin types the training data lacks. **What to do next:** whatever the scores, see a doctor or dermatologist
+about any lesion that worries you, changes, bleeds or itches. Uploads are not kept: files leave the server
+within an hour."""
+
+
 def build_demo(predictor: Predictor, notice: str = "") -> gr.Blocks:
     labels = list(predictor.label_names)
+    handler = make_handler(predictor)
     # delete_cache: uploads and outputs older than an hour leave the server (these are medical images)
     with gr.Blocks(title="DermaDetect", delete_cache=(600, 3600)) as demo:
         gr.Markdown("# DermaDetect\nExplainable skin-lesion classification of dermoscopy images.")
@@ -196,32 +243,68 @@ def build_demo(predictor: Predictor, notice: str = "") -> gr.Blocks:
         if notice:
             gr.Markdown(f"ℹ️ {notice}", elem_id="fallback-notice")
         gr.Markdown(model_summary(predictor), elem_id="model-info")
+        withheld, cam = gr.State(False), gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
                 image = UploadPath(type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
                                    label="Dermoscopy image", elem_id="upload")
                 with gr.Accordion("Explanation settings", open=False):
                     cam_method = gr.Dropdown(sorted(CAM_METHODS), value=predictor.default_method,
-                                             label="CAM method")
-                    explain_class = gr.Dropdown([TOP_CLASS] + labels, value=TOP_CLASS, label="Class to explain")
-                    opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+                                             label="CAM method", elem_id="cam-method")
+                    explain_class = gr.Dropdown([TOP_CLASS] + [(readable_name(n), n) for n in labels],
+                                                value=TOP_CLASS, label="Class to explain", elem_id="explain-class")
+                    opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity", elem_id="opacity")
                 button = gr.Button("Analyse", variant="primary", elem_id="analyse")
                 examples = find_examples(predictor)
                 if examples:
                     gr.Examples(examples, inputs=[image], label="Examples (ISIC 2018 test images)")
             with gr.Column(scale=2):
-                with gr.Row():
+                with gr.Row(elem_id="results"):
                     # no heading: the chart shows probabilities, and the model's call (which may weigh rare
                     # classes up) is stated in the summary
                     chart = gr.Label(num_top_classes=len(labels), label="Class probabilities", show_heading=False,
                                      elem_id="labels")
-                    overlay = gr.Image(type="filepath", label="Where the model looked (CAM)",
-                                       interactive=False, elem_id="overlay")
+                    with gr.Column(elem_id="overlay-box") as overlay_box:
+                        overlay = gr.Image(type="filepath", label="Where the model looked (CAM)",
+                                           interactive=False, elem_id="overlay")
+                        gr.Markdown(CAM_LEGEND, elem_id="cam-legend")
                 summary = gr.Markdown(label="Summary", elem_id="summary")
-        button.click(make_handler(predictor), inputs=[image, cam_method, explain_class, opacity],
-                     outputs=[chart, overlay, summary], api_name="predict")
+                show_anyway = gr.Button("Show the scores anyway", visible=False, elem_id="show-anyway")
+        with gr.Accordion("The seven classes, and what this tool can and cannot do", open=False, elem_id="glossary"):
+            gr.Markdown(glossary(predictor))
+
+        inputs, outputs = [image, cam_method, explain_class, opacity], [chart, overlay, summary, withheld, cam]
+        def withhold(hidden: bool):  # the scores of a picture that is not dermoscopy stay hidden until asked
+            return gr.update(visible=not hidden), gr.update(visible=not hidden), gr.update(visible=hidden)
+
+        button.click(handler, inputs=inputs, outputs=outputs, api_name="predict").then(
+            withhold, inputs=withheld, outputs=[chart, overlay_box, show_anyway], api_visibility="private")
+        show_anyway.click(lambda: (gr.update(visible=True),) * 2 + (gr.update(visible=False),),
+                          outputs=[chart, overlay_box, show_anyway], api_visibility="private")
+
+        def rerun(path, *controls):
+            return gr.skip() if path is None else handler(path, *controls)[1:]
+
+        # a new class or method explains again at once; a new opacity re-blends the CAM without the model
+        for control in (cam_method, explain_class):
+            control.change(rerun, inputs=inputs, outputs=[overlay, summary, withheld, cam],
+                           api_visibility="private").then(withhold, inputs=withheld,
+                                                          outputs=[chart, overlay_box, show_anyway],
+                                                          api_visibility="private")
+
+        def reblend(path, cam_map, value):
+            if path is None or cam_map is None:
+                return gr.skip()
+            return save_overlay(predictor.overlay(path, cam_map, float(value)))
+
+        opacity.release(reblend, inputs=[image, cam, opacity], outputs=overlay, api_visibility="private")
     demo.queue(max_size=16, default_concurrency_limit=2)
     return demo
+
+
+def launch(demo: gr.Blocks, **options):
+    """Launch with the page's style and upload limit (app.py, the tests and the benchmarks)."""
+    return demo.launch(ssr_mode=False, max_file_size=MAX_UPLOAD, css=CSS, **options)
 
 
 def main() -> None:
@@ -236,8 +319,7 @@ def main() -> None:
         predictor, notice = load_predictor(args.model)
     except ModelSourceError as exc:
         parser.exit(2, f"error: {exc}\n")
-    build_demo(predictor, notice).launch(server_name=args.host, server_port=args.port, ssr_mode=False,
-                                         max_file_size=MAX_UPLOAD)
+    launch(build_demo(predictor, notice), server_name=args.host, server_port=args.port)
 
 
 if __name__ == "__main__":

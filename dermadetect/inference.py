@@ -83,10 +83,10 @@ def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS, working_side: int =
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(source)
         except UnidentifiedImageError as exc:
-            raise NotAnImageError(f"the file is not an image PIL can read; {UPLOAD_HINT}") from exc
+            raise NotAnImageError(f"this file is not an image that can be opened; {UPLOAD_HINT}") from exc
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageTooLargeError(f"the image has too many pixels to open safely ({exc}); "
-                                     "upload one under 64 megapixels") from exc
+            raise ImageTooLargeError("the image has too many pixels to open safely; upload one under "
+                                     f"{max_pixels / 1e6:.0f} megapixels") from exc
     if image.format and image.format not in ACCEPTED_FORMATS:
         raise NotAnImageError(f"{image.format} images are not accepted; {UPLOAD_HINT}")
     width, height = image.size
@@ -103,7 +103,7 @@ def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS, working_side: int =
         image.load()  # first frame only for GIF/TIFF/WebP animations
         image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError) as exc:
-        raise CorruptImageError(f"the image is damaged or truncated ({exc}); {UPLOAD_HINT}") from exc
+        raise CorruptImageError(f"the image file is damaged or truncated; {UPLOAD_HINT}") from exc
     image = to_rgb(image)
     if max(image.size) > working_side:
         image.thumbnail((working_side, working_side), Image.LANCZOS, reducing_gap=2.0)
@@ -144,6 +144,10 @@ class Predictor:
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image).unsqueeze(0)
+
+    def overlay(self, upload, cam: np.ndarray, opacity: float) -> Image.Image:
+        """A computed CAM drawn again on its upload at another opacity: no model call."""
+        return cam_on_image(cam, open_image(upload, self.max_pixels), self.data_config, opacity)
 
     def predict(self, upload, explain: str | int | None = None, method: str | None = None,
                 opacity: float = 0.5) -> Prediction:

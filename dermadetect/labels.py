@@ -39,6 +39,18 @@ READABLE_NAMES = {
     "vascular lesion": "Vascular lesion",
 }
 
+# What each HAM10000 class is, in a visitor's words (the demo's glossary).
+CLASS_NOTES = {
+    "akiec": "rough, scaly sun damage (actinic keratosis) or an early skin cancer confined to the top layer "
+             "(Bowen's disease); can progress to squamous cell carcinoma",
+    "bcc": "the most common skin cancer; grows slowly and rarely spreads, but needs treatment",
+    "bkl": "harmless growths such as seborrheic keratoses, solar lentigines and lichen-planus-like keratoses",
+    "df": "a harmless firm bump in the skin, often on the legs",
+    "mel": "the most dangerous skin cancer; caught early it is usually curable",
+    "nv": "an ordinary mole; by far the most common class",
+    "vasc": "harmless growths of blood vessels, such as cherry angiomas",
+}
+
 # akiec counts as malignant: it includes Bowen's disease (intraepithelial carcinoma).
 MALIGNANT = frozenset({"akiec", "bcc", "mel", "actinic keratosis", "basal cell carcinoma",
                        "melanoma", "squamous cell carcinoma"})

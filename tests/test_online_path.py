@@ -141,6 +141,8 @@ def test_hub_dataset_and_weights_to_pushed_model_to_the_space(hub, originals, tm
     # the Space's default source resolves to the pushed ConvNeXtV2: its card's numbers, its examples, answers
     with App(env) as app:
         assert served_model(app) == f"{PUBLISHED}@{pushed}" and not app.text("fallback-notice").strip()
+        served = json.loads((run / "convnextv2_nano" / "analysis.json").read_text())["bootstrap"]["test"]
+        assert f"balanced accuracy {served['balanced_accuracy']['value']:.3f}" in app.text("model-info")
         assert f"Balanced accuracy {metrics['test']['balanced_accuracy']:.3f}" in app.text("model-info")
         examples = app.examples()
         assert len(examples) == 7 and all("ISIC_" in Path(e).name for e in examples)
@@ -159,5 +161,5 @@ def test_hub_dataset_and_weights_to_pushed_model_to_the_space(hub, originals, tm
     hub.stop()
     with App({**env, "HF_HUB_OFFLINE": "1"}) as app:
         assert served_model(app) == f"{PUBLISHED}@{hub.commits(PUBLISHED)[-1]}"
-        assert "Test metrics" in app.text("model-info") and len(app.examples()) == 7
+        assert "as this page serves it" in app.text("model-info") and len(app.examples()) == 7
         assert len(app.predict(example)[0]["confidences"]) == 7
