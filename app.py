@@ -139,19 +139,23 @@ def find_examples(predictor: Predictor) -> list[list[str]]:
     return [[str(path)] for path in paths if path.is_file()]
 
 
-def summary_line(result: Prediction, label_names) -> str:
-    """Plain words, never a diagnosis: where the probability mass sits, and whether to trust it."""
+def summary_line(result: Prediction, label_names, withheld: bool = True) -> str:
+    """Plain words, never a diagnosis: where the probability mass sits, and whether to trust it. For a picture
+    the guard flags, the scores are withheld (or, once the visitor asks for them, marked unreliable)."""
     probabilities = result.probabilities
     call, top = result.top_label, max(probabilities, key=probabilities.get)
     malignant = sum(p for name, p in probabilities.items() if name in MALIGNANT)
     entropy = -sum(p * math.log(p) for p in probabilities.values() if p > 0) / math.log(len(label_names))
     text = ""
     if result.out_of_distribution:
-        return ("⚠️ **This does not look like a dermoscopy image**, so its scores are withheld: the model has only "
-                "seen dermoscopy images, and its scores mean nothing for other pictures. A dermoscopy image is taken "
-                "through a dermatoscope (a magnifier with its own light, held on the skin) and shows one lesion "
-                "filling most of the frame; ordinary phone photos of skin are not dermoscopy. Upload one, or show "
-                "the scores anyway knowing they are unreliable. This is not a diagnosis.")
+        if withheld:
+            return ("⚠️ **This does not look like a dermoscopy image**, so its scores are withheld: the model has "
+                    "only seen dermoscopy images, and its scores mean nothing for other pictures. A dermoscopy image "
+                    "is taken through a dermatoscope (a magnifier with its own light, held on the skin) and shows one "
+                    "lesion filling most of the frame; ordinary phone photos of skin are not dermoscopy. Upload one, "
+                    "or show the scores anyway knowing they are unreliable. This is not a diagnosis.")
+        text = ("⚠️ **This does not look like a dermoscopy image**: the scores below mean nothing for it and are "
+                "shown only because you asked.\n\n")
     text += f"The model's call is **{readable_name(call)}** ({probabilities[call]:.0%}). "
     if call != top:
         text += (f"Its highest probability is {readable_name(top)} ({probabilities[top]:.0%}): the call weighs the "
@@ -159,7 +163,7 @@ def summary_line(result: Prediction, label_names) -> str:
                  "(balanced accuracy). ")
     text += (f"{malignant:.0%} of the probability falls on classes that include skin cancers "
              f"({', '.join(n for n in label_names if n in MALIGNANT)}). This is not a diagnosis.")
-    if result.melanoma_flag:
+    if result.melanoma_flag and not result.out_of_distribution:
         text += ("\n\n🔎 **Melanoma score above the study's screening threshold** (chosen on validation data to catch "
                  f"{MELANOMA_TARGET_SENSITIVITY:.0%} of melanomas, at the price of many false alarms). Only a clinician who examines the lesion "
                  "can tell what it is.")
@@ -209,7 +213,7 @@ def make_handler(predictor: Predictor):
             message = str(exc)
             raise gr.Error(message[:1].upper() + message[1:]) from None
         return (result.readable, save_overlay(result.overlay), summary_line(result, labels),
-                result.out_of_distribution, result.cam)
+                result.out_of_distribution, (image_path, result.cam, summary_line(result, labels, withheld=False)))
 
     return predict
 
@@ -243,7 +247,9 @@ def build_demo(predictor: Predictor, notice: str = "") -> gr.Blocks:
         if notice:
             gr.Markdown(f"ℹ️ {notice}", elem_id="fallback-notice")
         gr.Markdown(model_summary(predictor), elem_id="model-info")
-        withheld, cam = gr.State(False), gr.State(None)
+        # per visitor: whether the guard withheld the scores, and (analysed upload, its CAM, the summary to show
+        # if asked); kept an hour at most, like the uploads
+        withheld, analysed = gr.State(False, time_to_live=3600), gr.State(None, time_to_live=3600)
         with gr.Row():
             with gr.Column(scale=1):
                 image = UploadPath(type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
@@ -257,7 +263,7 @@ def build_demo(predictor: Predictor, notice: str = "") -> gr.Blocks:
                 button = gr.Button("Analyse", variant="primary", elem_id="analyse")
                 examples = find_examples(predictor)
                 if examples:
-                    gr.Examples(examples, inputs=[image], label="Examples (ISIC 2018 test images)")
+                    gr.Examples(examples, inputs=[image], label="Examples: test images the model never saw, one per class")
             with gr.Column(scale=2):
                 with gr.Row(elem_id="results"):
                     # no heading: the chart shows probabilities, and the model's call (which may weigh rare
@@ -273,31 +279,37 @@ def build_demo(predictor: Predictor, notice: str = "") -> gr.Blocks:
         with gr.Accordion("The seven classes, and what this tool can and cannot do", open=False, elem_id="glossary"):
             gr.Markdown(glossary(predictor))
 
-        inputs, outputs = [image, cam_method, explain_class, opacity], [chart, overlay, summary, withheld, cam]
+        outputs = [chart, overlay, summary, withheld, analysed]
+
         def withhold(hidden: bool):  # the scores of a picture that is not dermoscopy stay hidden until asked
             return gr.update(visible=not hidden), gr.update(visible=not hidden), gr.update(visible=hidden)
 
-        button.click(handler, inputs=inputs, outputs=outputs, api_name="predict").then(
-            withhold, inputs=withheld, outputs=[chart, overlay_box, show_anyway], api_visibility="private")
-        show_anyway.click(lambda: (gr.update(visible=True),) * 2 + (gr.update(visible=False),),
-                          outputs=[chart, overlay_box, show_anyway], api_visibility="private")
+        button.click(handler, inputs=[image, cam_method, explain_class, opacity], outputs=outputs,
+                     api_name="predict").then(withhold, inputs=withheld, outputs=[chart, overlay_box, show_anyway],
+                                              api_visibility="private")
+        show_anyway.click(lambda state: (gr.update(visible=True), gr.update(visible=True), gr.update(visible=False),
+                                         state[2]),
+                          inputs=analysed, outputs=[chart, overlay_box, show_anyway, summary], api_visibility="private")
 
-        def rerun(path, *controls):
-            return gr.skip() if path is None else handler(path, *controls)[1:]
+        # a new class or method explains the analysed image again at once (not a newer upload not yet analysed)
+        def rerun(state, method, explain, value):
+            return gr.skip() if state is None else handler(state[0], method, explain, value)
 
-        # a new class or method explains again at once; a new opacity re-blends the CAM without the model
         for control in (cam_method, explain_class):
-            control.change(rerun, inputs=inputs, outputs=[overlay, summary, withheld, cam],
+            control.change(rerun, inputs=[analysed, cam_method, explain_class, opacity], outputs=outputs,
                            api_visibility="private").then(withhold, inputs=withheld,
                                                           outputs=[chart, overlay_box, show_anyway],
                                                           api_visibility="private")
 
-        def reblend(path, cam_map, value):
-            if path is None or cam_map is None:
+        def reblend(state, value):  # a new opacity re-blends the cached CAM: no model call
+            if state is None:
                 return gr.skip()
-            return save_overlay(predictor.overlay(path, cam_map, float(value)))
+            try:
+                return save_overlay(predictor.overlay(state[0], state[1], float(value)))
+            except InvalidImageError as exc:  # the upload left the server's cache meanwhile
+                raise gr.Error(f"Analyse the image again: {exc}") from None
 
-        opacity.release(reblend, inputs=[image, cam, opacity], outputs=overlay, api_visibility="private")
+        opacity.release(reblend, inputs=[analysed, opacity], outputs=overlay, api_visibility="private")
     demo.queue(max_size=16, default_concurrency_limit=2)
     return demo
 

@@ -94,14 +94,14 @@ def score(loaded, paths, labels, degrade, batch_size: int, workers: int) -> dict
 
 
 def table(rows: list[dict]) -> str:
-    clean = rows[0]
+    clean = next((r for r in rows if r["condition"] == "clean"), None)
     lines = ["| condition | balanced accuracy | change | melanoma sensitivity | ECE | flagged not dermoscopy |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         sens = r.get("melanoma_sensitivity")
         flag = r.get("ood_flagged")
         lines.append(f"| {r['condition']} | {r['balanced_accuracy']:.3f} | "
-                     f"{r['balanced_accuracy'] - clean['balanced_accuracy']:+.3f} | "
+                     f"{'n/a' if clean is None else format(r['balanced_accuracy'] - clean['balanced_accuracy'], '+.3f')} | "
                      f"{'n/a' if sens is None else f'{sens:.3f}'} | {r['ece']:.3f} | "
                      f"{'n/a' if flag is None else f'{flag:.1%}'} |")
     return "\n".join(lines)

@@ -86,24 +86,26 @@ class LesionData:
 # ---------------------------------------------------------------- sources
 
 def load_source(cfg: DataConfig) -> tuple[dict[str, datasets.Dataset], str, bool]:
-    """Read the configured source: ({split: table}, description, has_lesion_ids).
+    """Read the configured source: ({split: table}, description, has_lesion_ids), labels in HAM10000 codes.
 
     A split named "test" is the held-out benchmark and is kept; everything else is pooled under "train"
     and later cut into train and validation by lesion.
     """
     if bool(cfg.data_dir) == bool(cfg.dataset):
         raise ValueError("give exactly one data source: --data-dir DIR or --dataset HUB_ID")
-    if cfg.dataset:
+    if cfg.dataset:  # relabelled before its duplicates are dropped
         return _load_hub_dataset(cfg.dataset), f"hub:{cfg.dataset}", True
     root = Path(cfg.data_dir).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"data directory {root} does not exist")
     split_dirs = _split_dirs(root)
     if (root / "metadata.csv").is_file() or any((d / "metadata.csv").is_file() for d in split_dirs.values()):
-        return _load_imagefolder_with_metadata(root, split_dirs), f"imagefolder:{root}", True
-    if (root / "HAM10000_metadata.csv").is_file():
-        return {"train": _load_raw_ham10000(root)}, f"ham10000-raw:{root}", True
-    return _load_class_folders(root, split_dirs), f"class-folders:{root}", False
+        tables, source, has_lesion_ids = _load_imagefolder_with_metadata(root, split_dirs), f"imagefolder:{root}", True
+    elif (root / "HAM10000_metadata.csv").is_file():
+        tables, source, has_lesion_ids = {"train": _load_raw_ham10000(root)}, f"ham10000-raw:{root}", True
+    else:
+        tables, source, has_lesion_ids = _load_class_folders(root, split_dirs), f"class-folders:{root}", False
+    return to_ham10000_codes(tables, has_lesion_ids), source, has_lesion_ids
 
 
 def _load_hub_dataset(name: str) -> dict[str, datasets.Dataset]:
@@ -118,7 +120,7 @@ def _load_hub_dataset(name: str) -> dict[str, datasets.Dataset]:
     missing = [c for c in REQUIRED_COLUMNS if c not in loaded[next(iter(loaded))].column_names]
     if missing:
         raise BadDataError(f"dataset {name!r} lacks the columns {missing}; need {list(REQUIRED_COLUMNS)}")
-    pooled = datasets.concatenate_datasets([loaded[s] for s in loaded])
+    pooled = to_ham10000_codes({"train": datasets.concatenate_datasets([loaded[s] for s in loaded])}, True)["train"]
     seen, keep = set(), []
     for i, image_id in enumerate(pooled["image_id"]):
         if image_id not in seen:
@@ -239,11 +241,15 @@ def to_ham10000_codes(tables: dict[str, datasets.Dataset], has_lesion_ids: bool)
     """Rewrite dx in HAM10000 codes, whichever spelling the source uses. Metadata sources are HAM10000, so a label
     that does not map stays as it is for `validate` to report; class folders are HAM10000 only when every folder
     name maps (the ISIC 9-class layout has classes HAM10000 lacks and keeps its own names)."""
+    def code(dx):  # a missing label stays missing, for validate to report
+        return ham10000_code(dx) if isinstance(dx, str) else None
+
     labels = {dx for table in tables.values() for dx in set(table["dx"])}
-    if not has_lesion_ids and not all(ham10000_code(dx) for dx in labels):
+    if not has_lesion_ids and not all(code(dx) for dx in labels):
         return tables
-    # add_column keeps the image bytes where they are; map() would rewrite the whole table
-    return {split: table.remove_columns("dx").add_column("dx", [ham10000_code(dx) or dx for dx in table["dx"]])
+    # on a table without an indices mapping (before any select) add_column leaves the image bytes where they
+    # are; map() would rewrite the whole table
+    return {split: table.remove_columns("dx").add_column("dx", [code(dx) or dx for dx in table["dx"]])
             for split, table in tables.items()}
 
 
@@ -328,7 +334,6 @@ def load_lesion_data(cfg: DataConfig, seed: int) -> LesionData:
     (and any subsample) uses `cfg.split_seed`, or `seed` where that is None."""
     seed = seed if cfg.split_seed is None else cfg.split_seed
     tables, source, has_lesion_ids = load_source(cfg)
-    tables = to_ham10000_codes(tables, has_lesion_ids)
     # metadata sources are HAM10000, so a label that names none of its classes is a typo
     allowed = set(HAM10000_CLASSES) if has_lesion_ids else None
     tables, dropped = validate(tables, allowed, cfg.skip_bad_images)

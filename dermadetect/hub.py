@@ -16,8 +16,8 @@ import torch
 import httpx2  # huggingface_hub's HTTP client: its transport errors mean "no answer"
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token, snapshot_download
 from huggingface_hub import constants as hub_constants
-from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                   RevisionNotFoundError)
+from huggingface_hub.errors import (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
+                                   RepositoryNotFoundError, RevisionNotFoundError)
 from timm.data import resolve_model_data_config
 from timm.models import get_pretrained_cfg, save_for_hf
 
@@ -29,7 +29,7 @@ WEIGHTS_FILE = "model.safetensors"
 HUB_PREFIX = "hf-hub:"
 # what a model folder holds that the Predictor and the app read: weights, settings, OOD detector, card, examples
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, OOD_FILE, "README.md", "analysis.json", "examples.json", "examples/*")
-HUB_TIMEOUT = 5.0  # seconds for the one request that resolves a Hub revision; the Hub answers within one
+HUB_TIMEOUT = 5.0  # seconds for the first request to the Hub, which normally answers in well under a second
 EXPORT_LICENSE = "cc-by-nc-4.0"   # the terms of the training data (HAM10000)
 EXPORT_TAG = "ham10000"
 
@@ -101,27 +101,37 @@ def resolve_folder(source: str) -> tuple[Path, str]:
 
 def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
     """The model folder of a Hub repo (only MODEL_FILES: a repo may hold more) through huggingface_hub's cache.
-    One request with a short timeout asks the Hub first; when it gets no answer the cache is used, as with
-    HF_HUB_OFFLINE=1, and nothing is retried. snapshot_download gets the revision as asked (not the commit), so
-    that the cache remembers where `main` pointed for the next time the Hub is out of reach."""
+    One request with a short timeout asks the Hub first; when it gets no answer or the Hub is down (5xx), the
+    cache is used, as with HF_HUB_OFFLINE=1, and nothing is retried. snapshot_download gets the revision as asked
+    (not the commit), so that the cache remembers where `main` pointed for the next time the Hub is out of reach."""
     where = f"{repo_id}@{revision or 'main'}"
+    if hub_constants.HF_HUB_OFFLINE:
+        return _cached_snapshot(repo_id, revision, where)
     try:
-        if not hub_constants.HF_HUB_OFFLINE:
-            try:
-                HfApi().repo_info(repo_id, revision=revision, timeout=HUB_TIMEOUT)
-            except (RepositoryNotFoundError, RevisionNotFoundError):
-                raise
-            except (httpx2.TransportError, HfHubHTTPError) as exc:  # no answer, or the Hub is down: try the cache
-                logger.info("the Hub did not answer for %s (%s): looking in the local cache", where, exc)
-                return _cached_snapshot(repo_id, revision, where)
+        try:
+            HfApi().repo_info(repo_id, revision=revision, timeout=HUB_TIMEOUT)
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            raise
+        except (httpx2.TransportError, HfHubHTTPError) as exc:
+            if isinstance(exc, HfHubHTTPError) and exc.response.status_code < 500:
+                raise  # the Hub answered: a refused token, a disabled repo... not a reason to go offline
+            logger.info("the Hub did not answer for %s (%s): looking in the local cache", where, exc)
+            return _cached_snapshot(repo_id, revision, where)
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=list(MODEL_FILES))
-    except LocalEntryNotFoundError:  # offline, or the connection dropped after the first answer
+    except LocalEntryNotFoundError:  # the connection dropped after the first answer
         return _cached_snapshot(repo_id, revision, where)
     except RepositoryNotFoundError as exc:
         raise HubRepoMissing(f"repo {repo_id} does not exist on the Hub, or is private (set HF_TOKEN)") from exc
     except RevisionNotFoundError as exc:
         raise ModelSourceError(f"revision {revision!r} does not exist in {repo_id}; pin a commit or tag that "
                                "does, or drop @REVISION to use main") from exc
+    except HFValidationError as exc:
+        raise ModelSourceError(f"{repo_id!r} is not a Hub repo id: expected hf-hub:ORG/NAME[@REVISION]") from exc
+    except HfHubHTTPError as exc:
+        raise ModelSourceError(f"the Hub refused {where} (HTTP {exc.response.status_code}: "
+                               f"{exc.server_message or exc}); check HF_TOKEN") from exc
+    except httpx2.HTTPError as exc:
+        raise HubUnreachable(f"the download of {where} broke off ({type(exc).__name__}); try again") from exc
     return Path(folder), f"{HUB_PREFIX}{repo_id}@{Path(folder).name}"
 
 

@@ -28,8 +28,8 @@ def jpeg(image: Image.Image, quality: int) -> Image.Image:
 
 
 def stretch(image: Image.Image, aspect: float) -> Image.Image:
-    """Widen (aspect > 1) or heighten (< 1) the content by `aspect` and crop back to the original frame, as a
-    4:3 picture squeezed into a square looks after the square is cropped."""
+    """Widen (aspect > 1) or heighten (< 1) the content by `aspect` and crop back to the original frame: the
+    distortion of a picture resized to another aspect without cropping."""
     width, height = image.size
     if aspect >= 1:
         wide = image.resize((round(width * aspect), height), Image.Resampling.BICUBIC)
@@ -70,9 +70,9 @@ DEGRADATIONS = {
 
 class RandomShift:
     """Each of the upload shifts with probability `p`, drawn anew per image (in a training transform, before
-    timm's crop): a copy at 96-224 px on the short side, JPEG quality 25-95, the content stretched by up to 4:3
-    either way, per-channel gains of 0.85-1.15, blur of radius 0-1.5. Python's `random`, which the data loader
-    seeds per worker."""
+    timm's crop): a lower-resolution copy (96-224 px on the short side of a 224 px image, the same share of
+    larger ones), the content stretched by up to 4:3 either way, per-channel gains of 0.85-1.15, blur of
+    radius 0-1.5, JPEG quality 25-95. Python's `random`, which the data loader seeds per worker."""
 
     def __init__(self, p: float, reference_side: int = 224):
         self.p = p

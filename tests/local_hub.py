@@ -97,6 +97,7 @@ class LocalHub:
     def __init__(self, token: str = "hf_local_test_token"):
         self.token = token
         self.requests: list[tuple[str, str, int]] = []
+        self.outage: int | None = None  # set to e.g. 503 to play a Hub outage (storage keeps serving)
         self._repos: dict[tuple[str, str], Repo] = {}
         self._lock = threading.RLock()
         self._secret = secrets.token_bytes(16)
@@ -185,6 +186,8 @@ class HubHandler(BaseHTTPRequestHandler):
         parts = [unquote(part) for part in url.path.strip("/").split("/")]
         if self.storage:
             return self.serve_storage(parts)
+        if self.hub.outage:  # the Hub is down: every request gets the status it answers with then
+            return self.error(self.hub.outage, None, "Service Unavailable")
         auth = self.headers.get("Authorization")
         if auth is not None and auth != f"Bearer {self.hub.token}":
             return self.error(401, None, "Invalid credentials in Authorization header")
@@ -457,6 +460,7 @@ def client_env(hub: LocalHub, hf_home: Path | str) -> dict[str, str]:
     # the caller's HF_HUB_CACHE, HF_DATASETS_OFFLINE and the like would override HF_HOME or go offline
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
     # huggingface_hub 2.4 uploads through Xet whenever hf_xet is installed, without asking the server; it takes
-    # the Hub's LFS batch API, which this server speaks, only with Xet disabled (downloads are plain HTTP either way)
+    # the Hub's LFS batch API, which this server speaks, only with Xet disabled. Downloads from this server are
+    # plain HTTP because it never advertises Xet; on the Hub, Xet-stored files download through hf_xet instead
     return {**env, "HF_ENDPOINT": hub.url, "HF_HOME": str(hf_home), "HF_TOKEN": hub.token,
             "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}

@@ -67,8 +67,8 @@ except ModelSourceError as exc:
 """
 
 
-def load_in_subprocess(source: str, image: str, hub: LocalHub, hf_home, offline: bool = False) -> dict:
-    env = {**client_env(hub, hf_home), "HF_HUB_OFFLINE": "1" if offline else "0"}
+def load_in_subprocess(source: str, image: str, hub: LocalHub, hf_home, offline: bool = False, **env_changes) -> dict:
+    env = {**client_env(hub, hf_home), "HF_HUB_OFFLINE": "1" if offline else "0", **env_changes}
     result = subprocess.run([sys.executable, "-c", LOAD, source, image], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -117,6 +117,21 @@ def test_missing_repo_wrong_revision_and_pickle_only_repo_are_refused(local_hub,
     assert "revision 'v9.9' does not exist in test/model" in wrong["error"]
     pickled = load_in_subprocess("hf-hub:test/pickle-only", image, local_hub, tmp_path / "hf")
     assert "has no model.safetensors" in pickled["error"] and "safetensors" in pickled["error"]
+
+
+def test_hub_outage_serves_the_cache_and_a_refused_token_is_an_error(local_hub, small_data, tmp_path):
+    """A Hub that answers 503 is out of reach: the cached model is served, an uncached one is HubUnreachable. A
+    token the Hub refuses (401) is the user's to fix: an error that says so, never a silent offline fallback."""
+    image = str(next((small_data / "test").glob("*.jpg")))
+    cached = load_in_subprocess("hf-hub:test/model", image, local_hub, tmp_path / "hf")
+    local_hub.outage = 503
+    down = load_in_subprocess("hf-hub:test/model", image, local_hub, tmp_path / "hf")
+    assert down["folder"] == cached["folder"] and down["probs"] == cached["probs"]
+    uncached = load_in_subprocess("hf-hub:test/pickle-only", image, local_hub, tmp_path / "hf")
+    assert uncached["type"] == "HubUnreachable" and "not reachable" in uncached["error"]
+    local_hub.outage = None
+    refused = load_in_subprocess("hf-hub:test/model", image, local_hub, tmp_path / "hf2", HF_TOKEN="hf_revoked")
+    assert refused["type"] == "ModelSourceError" and "HTTP 401" in refused["error"] and "HF_TOKEN" in refused["error"]
 
 
 def copy_run_exports(run: Path, to: Path) -> Path:
