@@ -41,7 +41,7 @@ BUNDLED_MODEL = min((Path(__file__).resolve().parent / "models").glob("dermadete
 TOP_CLASS = "Top class"
 LOW_CONFIDENCE = 0.5          # top probability under this is flagged
 HIGH_ENTROPY = 0.75           # entropy / log(num_classes) over this is flagged
-MAX_UPLOAD = "20mb"
+MAX_UPLOAD_MB = 20          # larger uploads are refused in the browser, before they are sent
 OVERLAY_DIR = Path(tempfile.gettempdir()) / "dermadetect-overlays"
 CAM_LEGEND = ("Colour: blue, little influence on the explained class -> red, most influence. The model sees only the "
               "central square of the image; the dimmed border is outside it.")
@@ -205,7 +205,8 @@ def make_handler(predictor: Predictor):
 
     def predict(image_path, cam_method=None, explain_class=TOP_CLASS, opacity=0.5):
         if image_path is None:
-            raise gr.Error("Upload a dermoscopy image first.")
+            # also what follows a refused upload (too large), so the limit is named
+            raise gr.Error(f"No image to analyse: upload a dermoscopy image of at most {MAX_UPLOAD_MB} MB first.")
         explain = None if explain_class in (None, TOP_CLASS) else explain_class
         try:
             result = predictor.predict(image_path, explain=explain, method=cam_method, opacity=float(opacity))
@@ -316,7 +317,7 @@ def build_demo(predictor: Predictor, notice: str = "") -> gr.Blocks:
 
 def launch(demo: gr.Blocks, **options):
     """Launch with the page's style and upload limit (app.py, the tests and the benchmarks)."""
-    return demo.launch(ssr_mode=False, max_file_size=MAX_UPLOAD, css=CSS, **options)
+    return demo.launch(ssr_mode=False, max_file_size=f"{MAX_UPLOAD_MB}mb", css=CSS, **options)
 
 
 def main() -> None:

@@ -212,35 +212,58 @@ def test_phone_layout_stacks_chart_over_overlay(served, originals, browser):
     page.close()
 
 
-def test_not_dermoscopy_withholds_the_scores(originals, browser, tmp_path):
-    """A picture the bundled model's guard flags: chart and overlay withheld behind a message, until asked."""
-    from skimage import data as samples
-
-    photo = tmp_path / "astronaut.png"
-    Image.fromarray(samples.astronaut()).save(photo)
+@pytest.fixture(scope="module")
+def bundled_served():
+    """The app serving the bundled model (whose guard is fitted on real data), launched on a free port."""
     predictor = Predictor(str(app.BUNDLED_MODEL))
-    assert predictor.predict(str(photo)).out_of_distribution  # the precondition: the guard flags it
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     demo = app.build_demo(predictor)
     app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        analyse(page, f"http://127.0.0.1:{port}/", photo)
-        assert "scores are withheld" in page.inner_text("#summary")
-        page.wait_for_selector("#show-anyway", state="visible", timeout=30_000)
-        assert page.locator("#labels").is_hidden() and page.locator("#overlay").is_hidden()
-        page.screenshot(path=str(SCREENSHOT.with_name("app_withheld.png")), full_page=True)
-        page.click("#show-anyway")
-        page.wait_for_selector("#labels", state="visible", timeout=30_000)
-        assert page.inner_text("#labels").count("%") == 7
-        page.wait_for_function("document.querySelector('#summary').innerText.includes('because you asked')",
-                               timeout=30_000)
-        assert "call is" in page.inner_text("#summary")
-        page.close()
-    finally:
-        demo.close()
+    yield f"http://127.0.0.1:{port}/", predictor
+    demo.close()
+
+
+def test_not_dermoscopy_withholds_the_scores(bundled_served, browser, tmp_path):
+    """A picture the bundled model's guard flags: chart and overlay withheld behind a message, until asked."""
+    from skimage import data as samples
+
+    url, predictor = bundled_served
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(samples.astronaut()).save(photo)
+    assert predictor.predict(str(photo)).out_of_distribution  # the precondition: the guard flags it
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    analyse(page, url, photo)
+    assert "scores are withheld" in page.inner_text("#summary")
+    page.wait_for_selector("#show-anyway", state="visible", timeout=30_000)
+    assert page.locator("#labels").is_hidden() and page.locator("#overlay").is_hidden()
+    page.screenshot(path=str(SCREENSHOT.with_name("app_withheld.png")), full_page=True)
+    page.click("#show-anyway")
+    page.wait_for_selector("#labels", state="visible", timeout=30_000)
+    assert page.inner_text("#labels").count("%") == 7
+    page.wait_for_function("document.querySelector('#summary').innerText.includes('because you asked')",
+                           timeout=30_000)
+    assert "call is" in page.inner_text("#summary")
+    page.close()
+
+
+def test_oversized_upload_is_refused_with_the_limit(bundled_served, browser, tmp_path):
+    """A file over the upload limit never reaches the server; Analyse afterwards names the limit instead of
+    pretending nothing was uploaded."""
+    url, _ = bundled_served
+    big = tmp_path / "big.png"  # incompressible noise: a PNG over the limit
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (3000, 3000, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > app.MAX_UPLOAD_MB * 1e6
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.wait_for_selector("#analyse", timeout=60_000)
+    page.locator("#upload input[type=file]").set_input_files(str(big))
+    page.wait_for_function("document.body.innerText.includes('exceed the maximum allowed size')", timeout=30_000)
+    assert page.locator("#upload img").count() == 0
+    page.click("#analyse")
+    page.wait_for_function(f"document.body.innerText.includes('at most {app.MAX_UPLOAD_MB} MB')", timeout=30_000)
+    page.close()
 
 
 def test_opacity_change_reblends_the_cached_cam(predictor, originals):
