@@ -23,8 +23,8 @@ from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
 
 from dermadetect.config import DEFAULT_HUB_DATASET, RunConfig, replace_nested, section_fields
-from dermadetect.data import (CLASS_WEIGHTING, LesionData, as_torch_dataset, build_transforms, class_weights,
-                              collate, load_lesion_data)
+from dermadetect.data import (BadDataError, LesionData, as_torch_dataset, build_transforms, class_weights,
+                              collate, guard_photo_files, load_lesion_data)
 from dermadetect.engine import (TrainerState, collect_outputs, load_checkpoint, make_accelerator,
                                 read_trainer_state, save_checkpoint, set_seed, train_one_epoch)
 from dermadetect.labels import DISCLAIMER
@@ -63,6 +63,9 @@ def build_parser(defaults: RunConfig) -> argparse.ArgumentParser:
     src.add_argument("--max-eval-samples", type=int, help="cap validation and test (small runs)")
     src.add_argument("--image-size", type=int, help="square input size (None: the backbone's own)")
     src.add_argument("--num-workers", type=int, help="data loader processes (may differ on --resume)")
+    src.add_argument("--guard-photos", metavar="DIR", type=lambda text: text or None,
+                     help="photos of skin taken without a dermatoscope, for the out-of-distribution guard to flag "
+                          "('': ordinary photos only)")
     mdl = p.add_argument_group("models")
     mdl.add_argument("--backbones", nargs="+", help="timm model names, trained one after the other")
     mdl.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
@@ -73,8 +76,6 @@ def build_parser(defaults: RunConfig) -> argparse.ArgumentParser:
     trn.add_argument("--epochs", type=int, help="epochs per backbone")
     trn.add_argument("--batch-size", type=int, help="images per batch and process")
     trn.add_argument("--lr", type=float, help="peak learning rate (AdamW, cosine schedule)")
-    trn.add_argument("--class-weighting", choices=CLASS_WEIGHTING,
-                     help="loss weights: inverse class frequency (balanced) or its square root (sqrt)")
     trn.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], help="autocast on GPUs")
     trn.add_argument("--max-steps", type=int, help="stop each backbone after this many optimizer steps")
     trn.add_argument("--seed", type=int, help="training seed (and the split's, unless --split-seed)")
@@ -243,7 +244,12 @@ def main(argv=None) -> int:
             run_info.setdefault("resumed", []).append(sys.argv)
             (run_dir / RUN_CONFIG).write_text(json.dumps(run_info, indent=1))
     else:
-        data = load_lesion_data(cfg.data, seed=cfg.train.seed)
+        try:
+            data = load_lesion_data(cfg.data, seed=cfg.train.seed)
+            if cfg.data.guard_photos:  # needed after fitting: say so now, not hours later
+                guard_photo_files(cfg.data.guard_photos)
+        except BadDataError as exc:
+            raise SystemExit(f"error: {exc}") from None
         if accelerator.is_main_process:
             start_run(data, cfg, accelerator, run_dir)
     accelerator.print(f"data: {data.source}; classes {list(data.label_names)}; "

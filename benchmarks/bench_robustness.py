@@ -6,9 +6,11 @@ melanoma threshold, the out-of-distribution guard).
 Prints one JSON line per condition (balanced accuracy of the call, melanoma sensitivity at the served threshold,
 ECE of the calibrated probabilities, the share the guard flags) and a Markdown table; `--out FILE` also writes
 them as JSON. Choose recipes on `--split validation` (the run's validation images, from its splits.csv); score
-the ISIC 2018 test set (`--split test`) once per shipped model.
+the ISIC 2018 test set (`--split test`) once per shipped model, into RUN/BACKBONE/robustness_test.json: the
+model card's Limitations section shows that table.
 
-    python benchmarks/bench_robustness.py MODEL_DIR --data ../shared/data/ham10000-224 --split test
+    python benchmarks/bench_robustness.py RUN/BACKBONE/export --data ../shared/data/ham10000-224 --split test \\
+        --out RUN/BACKBONE/robustness_test.json
     python benchmarks/bench_robustness.py MODEL_DIR --data ../shared/data/ham10000-224 --split validation \\
         --splits results/cpu-study/splits.csv
 """
@@ -27,7 +29,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dermadetect.hub import load_model  # noqa: E402
+from dermadetect.hub import load_model, robustness_markdown  # noqa: E402
 from dermadetect.labels import melanoma_index  # noqa: E402
 from dermadetect.metrics import balanced_accuracy, reliability_bins  # noqa: E402
 from dermadetect.posthoc import forward_views, served_call  # noqa: E402
@@ -93,20 +95,6 @@ def score(loaded, paths, labels, degrade, batch_size: int, workers: int) -> dict
     return result
 
 
-def table(rows: list[dict]) -> str:
-    clean = next((r for r in rows if r["condition"] == "clean"), None)
-    lines = ["| condition | balanced accuracy | change | melanoma sensitivity | ECE | flagged not dermoscopy |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        sens = r.get("melanoma_sensitivity")
-        flag = r.get("ood_flagged")
-        lines.append(f"| {r['condition']} | {r['balanced_accuracy']:.3f} | "
-                     f"{'n/a' if clean is None else format(r['balanced_accuracy'] - clean['balanced_accuracy'], '+.3f')} | "
-                     f"{'n/a' if sens is None else f'{sens:.3f}'} | {r['ece']:.3f} | "
-                     f"{'n/a' if flag is None else f'{flag:.1%}'} |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="model folder or hf-hub:ORG/NAME[@REVISION]")
@@ -127,7 +115,7 @@ def main() -> None:
         result = score(loaded, paths, labels, DEGRADATIONS.get(condition), args.batch_size, args.workers)
         rows.append({"condition": condition, "split": args.split, **result})
         print(json.dumps(rows[-1]), flush=True)
-    print(table(rows))
+    print(robustness_markdown(rows))
     if args.out:
         args.out.write_text(json.dumps({"model": loaded.source, "split": args.split, "rows": rows}, indent=1))
 

@@ -22,12 +22,12 @@ from pathlib import Path
 from .data import write_compact_copy
 from .engine import make_accelerator
 from .explain import CAM_METHODS
-from .hub import ModelSourceError
+from .hub import ModelSourceError, model_card
 from .inference import InvalidImageError, Predictor
 from .labels import DISCLAIMER
 from .pipeline import RunFolderError, evaluate_backbone, finish_run, load_run_data, read_run
 from .posthoc import OOD_FILE
-from .report import results_markdown, sweep_markdown
+from .report import ROBUSTNESS_FILE, read_backbone_row, results_markdown, sweep_markdown
 
 
 def main(argv=None) -> int:
@@ -131,6 +131,7 @@ def run_stage(stage: str, run_dir: Path, push_prefix: str | None = None, private
 
 RESULT_FILES = ("metrics.json", "explain_faithfulness.json", "analysis.json", "posthoc.json", "confusion_matrix.png",
                 "roc_curves.png", "training_curves.png", "gradcam_gallery.png", "reliability_diagram.png",
+                ROBUSTNESS_FILE,
                 # per image (ids, labels, calibrated probabilities, decision): every analysed number can be redone
                 "predictions_calibrated_validation.csv", "predictions_calibrated_test.csv")
 BUNDLE_FILES = ("config.json", "model.safetensors", "README.md", "examples.json", "analysis.json", OOD_FILE)
@@ -203,6 +204,9 @@ def publish_run(run_dir: Path, bundle: str | None, repo: Path, force: bool = Fal
         shutil.rmtree(previous)
     models = repo / "models" / f"dermadetect-{bundle}"
     models.mkdir(parents=True)
+    # the card again, now with what was measured on the export since (the robustness benchmark)
+    run_info = json.loads((run_dir / "config.json").read_text())
+    model_card(read_backbone_row(run_dir / bundle), run_info).save(run_dir / bundle / "export" / "README.md")
     for name in BUNDLE_FILES:
         shutil.copy2(run_dir / bundle / "export" / name, models / name)
     shutil.copytree(run_dir / bundle / "export" / "examples", models / "examples")  # attributed in the card

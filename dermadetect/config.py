@@ -25,6 +25,8 @@ class DataConfig:
     rotation_degrees: float = 180.0      # dermoscopy has no canonical "up"
     shift_probability: float = 0.0       # chance of each upload shift in training (shift.RandomShift): lower
                                          # resolution, aspect, colour cast, blur, JPEG
+    guard_photos: str | None = None      # folder of photos of skin taken without a dermatoscope: the
+                                         # out-of-distribution guard learns to flag them (None: ordinary photos only)
 
 
 @dataclass(frozen=True)

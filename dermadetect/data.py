@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -388,6 +389,31 @@ def _subsample(table: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
 
 
 # ---------------------------------------------------------------- transforms and loaders
+
+def lesion_of(file_name: str) -> str:
+    """Photos whose names differ only in a trailing number are one lesion (PAD-UFES-20's PAT_<patient>_<lesion>_
+    <image>): a cross-validation keeps them on one side."""
+    return re.sub(r"_\d+$", "", Path(file_name).stem)
+
+
+GUARD_MIN_LESIONS = 5    # the guard's photos are cross-validated in this many lesion-grouped folds
+
+
+def guard_photo_files(folder: str | Path) -> list[Path]:
+    """The image files of the guard's photos of skin (config data.guard_photos), sorted; a missing folder, or
+    one with too few lesions to cross-validate, is an error before any training starts."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BadDataError(f"data.guard_photos: {folder} is not a folder. Point --guard-photos at photos of skin "
+                           "taken without a dermatoscope (e.g. ../shared/data/clinical-photos), or pass "
+                           "--guard-photos '' to fit the out-of-distribution guard on ordinary photos alone")
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    lesions = len({lesion_of(f.name) for f in files})
+    if lesions < GUARD_MIN_LESIONS:
+        raise BadDataError(f"data.guard_photos: {folder} holds {len(files)} images of {lesions} lesion(s); the "
+                           f"guard needs photos of at least {GUARD_MIN_LESIONS} lesions")
+    return files
+
 
 def build_transforms(model: torch.nn.Module, cfg: DataConfig) -> tuple[T.Compose, T.Compose, dict]:
     """(train, eval, data_config) from timm's data config for `model`, with dermoscopy augmentation."""

@@ -22,7 +22,7 @@ from timm.data import resolve_model_data_config
 from timm.models import get_pretrained_cfg, save_for_hf
 
 from .labels import readable_name
-from .posthoc import OOD_FILE, MahalanobisDetector, PostHocSettings, SettingsError
+from .posthoc import OOD_FILE, DermoscopyGuard, PostHocSettings, SettingsError
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -58,7 +58,7 @@ class LoadedModel:
     source: str
     config: dict
     settings: PostHocSettings
-    ood: MahalanobisDetector | None
+    ood: DermoscopyGuard | None
 
 
 def export_for_hub(model: torch.nn.Module, architecture: str, label_names, data_config: dict,
@@ -162,7 +162,10 @@ def load_model(source: str) -> LoadedModel:
         if not ood_path.is_file():
             raise ModelSourceError(f"{described}: {CONFIG_FILE} sets an out-of-distribution threshold but "
                                    f"{OOD_FILE} is missing; copy the whole exported folder")
-        ood = MahalanobisDetector.load(ood_path, settings.ood_threshold)
+        try:
+            ood = DermoscopyGuard.load(ood_path, settings.ood_threshold)
+        except SettingsError as exc:
+            raise ModelSourceError(f"{described}: {exc}") from exc
     model = timm.create_model(f"local-dir:{folder}", pretrained=True)
     model.eval()
     return LoadedModel(model=model, architecture=config["architecture"],
@@ -266,7 +269,7 @@ Per class, on the test split:
   numbers above are noisy.
 - The test images were resized to {metrics['data_config']['input_size'][1]} px; scores on full-resolution images
   or other dermatoscopes may differ.
-
+{robustness_section(metrics.get("robustness"))}
 ## Licence and citation
 The weights are released under CC BY-NC 4.0 (non-commercial, attribution), the terms of the training data.
 `examples/` holds one test image per class ({metrics['test_split']}; listed in `examples.json`): HAM10000 and
@@ -277,6 +280,52 @@ ISIC 2018 images, CC BY-NC 4.0, by the authors cited here. Cite the data:
   arXiv:1902.03368 (2019).
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def guard_checks(ood: dict) -> str:
+    """What the guard flags beyond the test set: the non-dermoscopic pictures and, where it was fitted with
+    photos of skin, those photos, each held out of the guard's fit by cross-validation."""
+    photos = f"{len(ood['photos'])} non-dermoscopic pictures (scikit-image samples)"
+    held = ood.get("cross_validated")
+    if held is None:  # the Mahalanobis guard of runs analysed before schema 2 was fitted without the pictures
+        return (f"{ood['photos_flagged']:.0%} of {photos}; AUROC test vs pictures {ood['auroc_test_vs_photos']:.3f} "
+                f"(energy score: {ood['auroc_energy_test_vs_photos']:.3f}).")
+    line = (f"{held['photos_flagged']:.0%} of {photos}, each scored by a guard fitted without it "
+            f"({held['folds']}-fold cross-validation)")
+    skin = ood["skin_photos"]
+    if skin:
+        line += (f"; {held['skin_photos_flagged']:.0%} of {skin['photos']} photos of skin taken without a "
+                 f"dermatoscope ({Path(skin['folder']).name}, {skin['lesions']} lesions, cross-validated by lesion; "
+                 f"AUROC against validation images {held['auroc_validation_vs_skin_photos']:.3f})")
+    return line + "."
+
+
+def robustness_markdown(rows: list[dict]) -> str:
+    """The robustness benchmark's rows (benchmarks/bench_robustness.py) as a table, each condition's balanced
+    accuracy next to its change from the clean images."""
+    clean = next((r for r in rows if r["condition"] == "clean"), None)
+    lines = ["| condition | balanced accuracy | change | melanoma sensitivity | ECE | flagged not dermoscopy |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        sens, flag = r.get("melanoma_sensitivity"), r.get("ood_flagged")
+        change = "n/a" if clean is None else format(r["balanced_accuracy"] - clean["balanced_accuracy"], "+.3f")
+        lines.append(f"| {r['condition']} | {r['balanced_accuracy']:.3f} | {change} | "
+                     f"{'n/a' if sens is None else f'{sens:.3f}'} | {r['ece']:.3f} | "
+                     f"{'n/a' if flag is None else f'{flag:.1%}'} |")
+    return "\n".join(lines)
+
+
+def robustness_section(robustness: dict | None) -> str:
+    """The Limitations section's account of the upload shifts: the robustness benchmark on the test set."""
+    if not robustness:
+        return ("- How the model holds up on uploads (lower resolution, JPEG, other aspect, colour cast, blur, "
+                "rotation) was not measured\n  for this card (benchmarks/bench_robustness.py).\n")
+    return f"""- Uploads differ from the test images: the {robustness['rows'][0]['images']} test images under the fixed
+  shifts of `benchmarks/bench_robustness.py`, everything served applied (the call, the melanoma threshold,
+  calibrated probabilities, the guard). Low resolution, heavy JPEG and blur cost the most.
+
+{robustness_markdown(robustness['rows'])}
+"""
 
 
 def analysis_section(analysis: dict | None) -> str:
@@ -324,11 +373,9 @@ under `dermadetect`, and DermaDetect's `Predictor` applies them.
   sensitivity >= {mel['target_sensitivity']} on validation ({_num(mel['validation']['sensitivity'])}). On test: sensitivity
   {_num(mel['test']['sensitivity'])}, specificity {_num(mel['test']['specificity'])}, PPV {_num(mel['test']['ppv'])},
   NPV {_num(mel['test']['npv'])} (TP {mel['test']['tp']}, FP {mel['test']['fp']}, TN {mel['test']['tn']}, FN {mel['test']['fn']}).
-- Out-of-distribution guard: {ood['method']}; an image scoring above {ood['threshold']:.1f}
-  ({ood['threshold_rule']}) is flagged as probably not a dermoscopy image. AUROC, test images vs
-  {len(ood['photos'])} non-dermoscopic pictures (scikit-image samples): {ood['auroc_test_vs_photos']:.3f}
-  (energy score: {ood['auroc_energy_test_vs_photos']:.3f}); flagged: {ood['test_flagged']:.1%} of test images,
-  {ood['photos_flagged']:.0%} of the pictures.
+- Out-of-distribution guard: {ood['method']}; an image scoring above {ood['threshold']:.2f}
+  ({ood['threshold_rule']}) is flagged as probably not a dermoscopy image. Flagged: {ood['test_flagged']:.1%} of
+  test images; {guard_checks(ood)}
 
 Test metrics of the calibrated model and its decision with 95% bootstrap intervals ({analysis['bootstrap']['resamples']} resamples of
 lesions):

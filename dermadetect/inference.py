@@ -56,7 +56,7 @@ class Prediction:
     cam: np.ndarray                   # (H, W) in [0, 1] at the model's input resolution
     overlay: Image.Image              # the CAM on the (EXIF-rotated, possibly reduced) upload
     image_size: tuple[int, int]       # the size of the image the overlay is drawn on
-    ood_score: float | None = None    # Mahalanobis distance to the training images (None: model has no detector)
+    ood_score: float | None = None    # the guard's "not dermoscopy" score (None: the model has no guard)
     out_of_distribution: bool = False  # the score is above the model's threshold: probably not dermoscopy
     melanoma_flag: bool | None = None  # P(melanoma) at or above the validation-chosen threshold (None: no threshold)
 

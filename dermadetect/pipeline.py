@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import json
 import logging
+import random
 import shutil
 import sys
 from pathlib import Path
@@ -20,19 +21,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .config import RunConfig, replace_nested
-from .data import LesionData, as_torch_dataset, build_transforms, collate, load_lesion_data
+from .data import LesionData, as_torch_dataset, build_transforms, collate, guard_photo_files, load_lesion_data
 from .engine import Accelerator, collect_outputs, read_trainer_state
 from .explain import road_faithfulness
 from .hub import HubPushError, LoadedModel, export_for_hub, model_card, push_to_hub
-from .inference import Predictor
+from .inference import Predictor, open_image
 from .labels import melanoma_index
 from .metrics import classification_metrics, json_safe
 from .models import count_parameters, create_backbone
-from .posthoc import OOD_FILE, TTA_VIEWS, MahalanobisDetector, PostHocSettings, nll, softmax
+from .posthoc import OOD_FILE, TTA_VIEWS, DermoscopyGuard, PostHocSettings, nll, softmax
 from .report import plot_cam_gallery, read_backbone_row, write_backbone_plots, write_comparison
+from .shift import RandomShift, random_view
 from .study import analyze, photo_samples
 
 logger = logging.getLogger(__name__)
@@ -47,13 +49,53 @@ HUB_FILE = "hub.json"
 PLOTS = ("confusion_matrix.png", "roc_curves.png", "training_curves.png", "gradcam_gallery.png",
          "reliability_diagram.png")
 GALLERY_PER_CLASS = 2    # correct and wrong test cases per class in the Grad-CAM gallery
-# views per split in the evaluation pass: train feeds the OOD detector and the class prior; validation chooses
-# test-time augmentation, temperature and thresholds; test is scored; the photos measure the OOD guard
-SPLIT_VIEWS = {"train": 1, "validation": TTA_VIEWS, "test": TTA_VIEWS, "photos": TTA_VIEWS}
+# views per split in the evaluation pass: train feeds the guard and the class prior; validation chooses
+# test-time augmentation, temperature and thresholds; test is scored. The guard also learns from shifted copies
+# of train (its threshold from those of validation), the ordinary photos and the guard's photos of skin
+SPLIT_VIEWS = {"train": 1, "train_shifted": 1, "validation": TTA_VIEWS, "validation_shifted": 1, "test": TTA_VIEWS,
+               "photos": TTA_VIEWS, "guard_photos": 1}
+GUARD_SHIFT = 0.5        # chance of each upload shift in the guard's shifted copies
+GUARD_VIEWS = 8          # random framings of each guard photo, besides the photo as taken
 
 
 class RunFolderError(RuntimeError):
     """A run folder lacks what a stage needs; the message says which stage to run first."""
+
+
+class ShiftedCopies(Dataset):
+    """A split's images through the upload shifts, image i drawn from seed i: the same copies in every run,
+    whatever the number of processes or workers."""
+
+    def __init__(self, table, label_names, transform):
+        self.table, self.transform, self.shift = table, transform, RandomShift(GUARD_SHIFT)
+        self.index = {name: i for i, name in enumerate(label_names)}
+
+    def __len__(self):
+        return len(self.table)
+
+    def __getitem__(self, i):
+        row = self.table[i]
+        image = self.shift(row["image"].convert("RGB"), random.Random(i))
+        return {"pixel_values": self.transform(image), "label": self.index[row["dx"]]}
+
+
+class GuardPhotos(Dataset):
+    """Each photo of the guard's folder as taken (opened as an upload is) and in GUARD_VIEWS random framings
+    through the upload shifts; the label is the photo's index."""
+
+    def __init__(self, files, transform):
+        self.files, self.transform = files, transform
+
+    def __len__(self):
+        return len(self.files) * (GUARD_VIEWS + 1)
+
+    def __getitem__(self, i):
+        photo, view = divmod(i, GUARD_VIEWS + 1)
+        image = open_image(self.files[photo])
+        if view:
+            rng = random.Random(i)
+            image = RandomShift(GUARD_SHIFT)(random_view(image, rng), rng)
+        return {"pixel_values": self.transform(image), "label": photo}
 
 
 # ---------------------------------------------------------------- run folders
@@ -124,12 +166,22 @@ def evaluate_backbone(name: str, cfg: RunConfig, data: LesionData, accelerator: 
                              "metrics.json reports; copy it with best/")
     _, eval_tf, data_config = build_transforms(model, cfg.data)
     tables = {split: as_torch_dataset(data.splits[split], names, eval_tf) for split in ("train", "validation", "test")}
+    for split in ("train", "validation"):
+        tables[f"{split}_shifted"] = ShiftedCopies(data.splits[split], names, eval_tf)
     tables["photos"] = [{"pixel_values": eval_tf(image), "label": -1} for _, image in photo_samples()]
+    guard_files = guard_photo_files(cfg.data.guard_photos) if cfg.data.guard_photos else []
+    if guard_files:
+        tables["guard_photos"] = GuardPhotos(guard_files, eval_tf)
+    splits = [split for split in SPLIT_VIEWS if split in tables]
     loaders = [DataLoader(tables[split], batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
-                          collate_fn=collate) for split in SPLIT_VIEWS]
+                          collate_fn=collate) for split in splits]
     model, *loaders = accelerator.prepare(model, *loaders)
-    outputs = {split: collect_outputs(model, loader, accelerator, views, desc=f"{name} {split}")
-               for (split, views), loader in zip(SPLIT_VIEWS.items(), loaders)}
+    outputs = {split: collect_outputs(model, loader, accelerator, SPLIT_VIEWS[split], desc=f"{name} {split}")
+               for split, loader in zip(splits, loaders)}
+    if guard_files:  # which photo and which framing each row is, for the guard's cross-validation
+        views = np.arange(len(tables["guard_photos"])) % (GUARD_VIEWS + 1)
+        outputs["guard_photos"].update(names=np.array([f.name for f in guard_files]), views=views,
+                                       folder=np.array(str(cfg.data.guard_photos)))
     if accelerator.is_main_process:
         for split, arrays in outputs.items():
             np.savez(outputs_path(run_dir, name, split), **arrays)
@@ -168,9 +220,11 @@ def analyze_backbone(name: str, cfg: RunConfig, data: LesionData, run_dir: Path)
     """From the evaluation pass alone: analysis.json, the fitted settings (posthoc.json), the OOD detector,
     predictions_calibrated_<split>.csv and the reliability diagram. Returns the analysis."""
     out = Path(run_dir) / name
-    if not outputs_path(run_dir, name, "photos").is_file():
-        raise RunFolderError(f"{name} has no evaluation outputs: run `python -m dermadetect evaluate {run_dir}`")
-    outputs = {split: dict(np.load(outputs_path(run_dir, name, split))) for split in SPLIT_VIEWS}
+    expected = [s for s in SPLIT_VIEWS if s != "guard_photos" or cfg.data.guard_photos]
+    if not all(outputs_path(run_dir, name, split).is_file() for split in expected):
+        raise RunFolderError(f"{name} has no (or older) evaluation outputs: run `python -m dermadetect evaluate "
+                             f"{run_dir}`")
+    outputs = {split: dict(np.load(outputs_path(run_dir, name, split))) for split in expected}
     analysis, settings, detector, served = analyze(
         name, outputs, data.splits, data.label_names, cfg.train.bootstrap_resamples, out)
     (out / ANALYSIS_FILE).write_text(json.dumps(analysis, indent=1, allow_nan=False))
@@ -196,7 +250,7 @@ def export_backbone(name: str, cfg: RunConfig, data: LesionData, run_info: dict,
     model = trained_model(name, cfg, len(names), run_dir)
     _, eval_tf, data_config = build_transforms(model, cfg.data)
     settings = PostHocSettings.from_json(json.loads((out / SETTINGS_FILE).read_text()), str(out / SETTINGS_FILE))
-    detector = MahalanobisDetector.load(out / OOD_FILE, settings.ood_threshold)
+    detector = DermoscopyGuard.load(out / OOD_FILE, settings.ood_threshold)
     loaded = LoadedModel(model=model, architecture=name, label_names=names, data_config=data_config, folder=out,
                          source=str(out), config={}, settings=settings, ood=detector)
     if cfg.train.explain_images:

@@ -1,7 +1,7 @@
 """What a trained model carries besides its weights, fitted on validation (or train) after training and used by
 the Predictor: test-time augmentation, temperature scaling, a class-balanced decision (post-hoc logit
-adjustment), a melanoma operating point, and an out-of-distribution detector (Mahalanobis distance on
-penultimate features).
+adjustment), a melanoma operating point, and an out-of-distribution guard (a dermoscopy-vs-not head on
+penultimate features and their Mahalanobis distance).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from scipy.optimize import minimize_scalar
 from sklearn.covariance import LedoitWolf
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
 
 from .metrics import balanced_accuracy
 
@@ -23,7 +25,8 @@ TTA_VIEWS = 8          # the dihedral group: 4 rotations by 90 degrees, each wit
 OOD_FILE = "ood.safetensors"
 MELANOMA_TARGET_SENSITIVITY = 0.85   # the melanoma threshold is the highest P(mel) that catches this share
 ADJUSTMENT_STRENGTHS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
-SCHEMA_VERSION = 1     # of the "dermadetect" section of an export's config.json
+GUARD_REGULARISATION = 0.01   # inverse L2 strength of the guard's head (C), chosen on validation
+SCHEMA_VERSION = 2     # of the "dermadetect" section of an export's config.json
 DEFAULT_CAM_METHOD = "gradcam"
 
 
@@ -147,40 +150,80 @@ def energy_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return -temperature * scipy.special.logsumexp(np.asarray(logits, dtype=np.float64) / temperature, axis=-1)
 
 
-@dataclass
-class MahalanobisDetector:
-    """Class-conditional Gaussians with one shared covariance on penultimate features (Lee et al. 2018).
-    The score is the squared Mahalanobis distance to the nearest class mean: higher = less like the training
-    images. `threshold` flags an input as out of distribution."""
+def mahalanobis_fit(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class means and the shared precision of class-conditional Gaussians on features (Lee et al. 2018);
+    Ledoit-Wolf shrinkage keeps the covariance well-conditioned even with few images in a class."""
+    features, labels = np.asarray(features, dtype=np.float64), np.asarray(labels)
+    classes = np.unique(labels)
+    means = np.stack([features[labels == k].mean(axis=0) for k in classes])
+    centred = features - means[np.searchsorted(classes, labels)]
+    return means, LedoitWolf(assume_centered=True).fit(centred).get_precision()
 
-    means: torch.Tensor          # (C, D)
-    precision: torch.Tensor      # (D, D)
+
+@dataclass
+class DermoscopyGuard:
+    """Whether an upload looks like dermoscopy at all, from the penultimate features of view 0: a logistic
+    dermoscopy-vs-not head whose inputs are the features and their log Mahalanobis distance to the nearest
+    training class mean. Fitted with training images (clean and through the upload shifts) as dermoscopy and
+    photos of skin without a dermatoscope plus ordinary photos as not. The score is the head's logit: higher =
+    less like dermoscopy; above `threshold` the image is flagged."""
+
+    means: torch.Tensor          # (C, D) class means of the training features
+    precision: torch.Tensor      # (D, D) their shared precision
+    centre: torch.Tensor         # (D + 1,) standardisation of the head's inputs
+    scale: torch.Tensor          # (D + 1,)
+    weight: torch.Tensor         # (D + 1,) the head
+    bias: torch.Tensor           # ()
     threshold: float = math.inf
 
     @classmethod
-    def fit(cls, features: np.ndarray, labels: np.ndarray) -> "MahalanobisDetector":
+    def fit(cls, train_features: np.ndarray, train_labels: np.ndarray, dermoscopy: np.ndarray,
+            not_dermoscopy: np.ndarray, strength: float = GUARD_REGULARISATION) -> "DermoscopyGuard":
+        """Class Gaussians from the clean training features; the head from `dermoscopy` vs `not_dermoscopy`
+        features, the two sides weighted equally (the negatives are few)."""
+        means, precision = mahalanobis_fit(train_features, train_labels)
+        # float32 as saved, so the fitted and the loaded guard score alike
+        guard = cls(*(torch.tensor(a, dtype=torch.float32) for a in (means, precision)),
+                    *(torch.zeros(()) for _ in range(4)))
+        inputs = guard.inputs(np.vstack([dermoscopy, not_dermoscopy]))
+        is_not = np.r_[np.zeros(len(dermoscopy)), np.ones(len(not_dermoscopy))]
+        scaler = StandardScaler().fit(inputs)
+        head = LogisticRegression(C=strength, class_weight="balanced", max_iter=5000).fit(
+            scaler.transform(inputs), is_not)
+        guard.centre, guard.scale, guard.weight, guard.bias = (
+            torch.tensor(a, dtype=torch.float64) for a in (scaler.mean_, scaler.scale_, head.coef_[0],
+                                                            head.intercept_[0]))
+        return guard
+
+    def mahalanobis(self, features) -> np.ndarray:
+        """Squared Mahalanobis distance of each feature row to the nearest class mean."""
+        f = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+        diff = f[:, None, :] - self.means.double()[None]                              # (N, C, D)
+        return torch.einsum("ncd,de,nce->nc", diff, self.precision.double(), diff).min(dim=1).values.numpy()
+
+    def inputs(self, features) -> np.ndarray:
         features = np.asarray(features, dtype=np.float64)
-        labels = np.asarray(labels)
-        classes = np.unique(labels)
-        means = np.stack([features[labels == k].mean(axis=0) for k in classes])
-        centred = features - means[np.searchsorted(classes, labels)]
-        # Ledoit-Wolf shrinkage: a well-conditioned covariance even with few images in a class
-        precision = LedoitWolf(assume_centered=True).fit(centred).get_precision()
-        return cls(torch.tensor(means, dtype=torch.float32), torch.tensor(precision, dtype=torch.float32))
+        return np.hstack([features, np.log(np.maximum(self.mahalanobis(features), 1e-12))[:, None]])
 
     def score(self, features) -> np.ndarray:
-        f = torch.as_tensor(np.asarray(features), dtype=torch.float64)
-        means, precision = self.means.double(), self.precision.double()
-        diff = f[:, None, :] - means[None]                               # (N, C, D)
-        return torch.einsum("ncd,de,nce->nc", diff, precision, diff).min(dim=1).values.numpy()
+        standardised = (self.inputs(features) - self.centre.double().numpy()) / self.scale.double().numpy()
+        return standardised @ self.weight.double().numpy() + float(self.bias)
 
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / OOD_FILE
-        save_file({"means": self.means.contiguous(), "precision": self.precision.contiguous()}, str(path),
-                  metadata={"method": "mahalanobis", "threshold": repr(self.threshold)})
+        save_file({name: getattr(self, name).contiguous() for name in GUARD_TENSORS}, str(path),
+                  metadata={"method": "dermoscopy-vs-not logistic head on penultimate features + log Mahalanobis",
+                            "threshold": repr(self.threshold)})
         return path
 
     @classmethod
-    def load(cls, path: str | Path, threshold: float) -> "MahalanobisDetector":
+    def load(cls, path: str | Path, threshold: float) -> "DermoscopyGuard":
         tensors = load_file(str(path))
-        return cls(tensors["means"], tensors["precision"], float(threshold))
+        missing = sorted(set(GUARD_TENSORS) - set(tensors))
+        if missing:
+            raise SettingsError(f"{path} lacks {missing}: it is an older out-of-distribution file; export the "
+                                "model again with `python -m dermadetect export RUN`")
+        return cls(*(tensors[name] for name in GUARD_TENSORS), float(threshold))
+
+
+GUARD_TENSORS = ("means", "precision", "centre", "scale", "weight", "bias")

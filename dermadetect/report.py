@@ -15,6 +15,8 @@ from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E40
 
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
 
+ROBUSTNESS_FILE = "robustness_test.json"   # benchmarks/bench_robustness.py --split test --out, per backbone
+
 COMPARISON_COLUMNS = (
     ("balanced_accuracy", "Bal. acc"), ("accuracy", "Acc"), ("f1_macro", "Macro F1"),
     ("precision_macro", "Macro prec"), ("recall_macro", "Macro rec"), ("roc_auc_macro", "Macro AUC"),
@@ -114,7 +116,7 @@ def analysis_markdown(rows: list[dict]) -> str:
     intervals over lesions in brackets."""
     header = ["Backbone", "Bal. acc [95% CI]", "Macro F1 [95% CI]", "Macro AUC [95% CI]", "Bal. acc no TTA / TTA",
               "TTA used", "T", "Decision (bal. acc of argmax)", "ECE before / after", "Mel threshold",
-              "Mel sens [95% CI]", "Mel spec", "Mel PPV", "Mel NPV", "OOD AUROC (Mahalanobis / energy)"]
+              "Mel sens [95% CI]", "Mel spec", "Mel PPV", "Mel NPV", "OOD AUROC (guard / energy)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         a = r["analysis"]
@@ -129,8 +131,8 @@ def analysis_markdown(rows: list[dict]) -> str:
             f"{a['ood']['auroc_test_vs_photos']:.3f} / {a['ood']['auroc_energy_test_vs_photos']:.3f}"]) + " |")
     return ("## After calibration, test-time augmentation and the melanoma operating point\n\n"
             "TTA (8 dihedral views) is used only if it wins on validation balanced accuracy; the temperature T, the "
-            "decision rule, the melanoma threshold (P(mel) for validation sensitivity >= 0.85) and the OOD threshold "
-            "(95% of validation kept) are fitted on validation. Decision: the argmax of log P(class) - s * log(class "
+            "decision rule, the melanoma threshold (P(mel) for validation sensitivity >= 0.85) and the OOD guard's "
+            "threshold are fitted on validation. Decision: the argmax of log P(class) - s * log(class "
             "share of train), with the strength s (0 = plain argmax) that gives the best validation balanced "
             "accuracy. Test metrics below use the calibrated model and this decision; brackets: 95% bootstrap "
             "intervals over lesions. OOD AUROC: ISIC 2018 test images vs scikit-image's non-dermoscopic sample "
@@ -236,10 +238,10 @@ def sweep_markdown(folder: Path, reference: str = "base", backbone: str = "effic
 
 
 def read_backbone_row(folder: Path) -> dict:
-    """A finished backbone's metrics.json, with its analysis.json (if analysed) under "analysis" and where it
-    was pushed (hub.json) under "hub"."""
+    """A finished backbone's metrics.json, with its analysis.json (if analysed) under "analysis", where it
+    was pushed (hub.json) under "hub" and its robustness benchmark on test under "robustness"."""
     row = json.loads((Path(folder) / "metrics.json").read_text())
-    for key, name in (("analysis", "analysis.json"), ("hub", "hub.json")):
+    for key, name in (("analysis", "analysis.json"), ("hub", "hub.json"), ("robustness", ROBUSTNESS_FILE)):
         if (Path(folder) / name).is_file():
             row[key] = json.loads((Path(folder) / name).read_text())
     return row

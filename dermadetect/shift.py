@@ -72,26 +72,44 @@ class RandomShift:
     """Each of the upload shifts with probability `p`, drawn anew per image (in a training transform, before
     timm's crop): a lower-resolution copy (96-224 px on the short side of a 224 px image, the same share of
     larger ones), the content stretched by up to 4:3 either way, per-channel gains of 0.85-1.15, blur of
-    radius 0-1.5, JPEG quality 25-95. Python's `random`, which the data loader seeds per worker."""
+    radius 0-1.5, JPEG quality 25-95. Draws from Python's `random` (which the data loader seeds per worker),
+    or from `rng` for a copy that is the same on every run."""
 
     def __init__(self, p: float, reference_side: int = 224):
         self.p = p
         self.reference_side = reference_side
 
-    def __call__(self, image: Image.Image) -> Image.Image:
-        draw = random.random
-        if draw() < self.p:
-            side = random.uniform(96, self.reference_side) * min(image.size) / self.reference_side
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> Image.Image:
+        rng = rng or random
+        if rng.random() < self.p:
+            side = rng.uniform(96, self.reference_side) * min(image.size) / self.reference_side
             image = rescale(image, round(side))
-        if draw() < self.p:
-            image = stretch(image, math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3))))
-        if draw() < self.p:
-            image = colour_cast(image, tuple(random.uniform(0.85, 1.15) for _ in range(3)))
-        if draw() < self.p:
-            image = blur(image, random.uniform(0.0, 1.5))
-        if draw() < self.p:
-            image = jpeg(image, random.randint(25, 95))
+        if rng.random() < self.p:
+            image = stretch(image, math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3))))
+        if rng.random() < self.p:
+            image = colour_cast(image, tuple(rng.uniform(0.85, 1.15) for _ in range(3)))
+        if rng.random() < self.p:
+            image = blur(image, rng.uniform(0.0, 1.5))
+        if rng.random() < self.p:
+            image = jpeg(image, rng.randint(25, 95))
         return image
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(p={self.p})"
+
+
+def random_view(image: Image.Image, rng: random.Random, min_area: float = 0.25) -> Image.Image:
+    """A crop of 25-100% of the area at an aspect of 3:4 to 4:3, maybe mirrored or flipped: another framing of
+    the same photo, as a visitor might take it."""
+    width, height = image.size
+    area = width * height * rng.uniform(min_area, 1.0)
+    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    w = min(width, max(1, round(math.sqrt(area * aspect))))
+    h = min(height, max(1, round(math.sqrt(area / aspect))))
+    left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+    view = image.crop((left, top, left + w, top + h))
+    if rng.random() < 0.5:
+        view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if rng.random() < 0.5:
+        view = view.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    return view

@@ -15,19 +15,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import GroupKFold
 
+from .data import GUARD_MIN_LESIONS, lesion_of
 from .inference import to_rgb
 from .labels import melanoma_index
 from .metrics import (balanced_accuracy, bootstrap_intervals, classification_metrics, json_safe, operating_point,
                       reliability_bins, threshold_for_sensitivity)
-from .posthoc import (MELANOMA_TARGET_SENSITIVITY, TTA_VIEWS, MahalanobisDetector, PostHocSettings,
+from .posthoc import (MELANOMA_TARGET_SENSITIVITY, TTA_VIEWS, DermoscopyGuard, PostHocSettings,
                       adjusted_decisions, class_prior, energy_score, fit_adjustment_strength, fit_temperature, nll,
                       softmax)
 from .report import plot_reliability
 
 logger = logging.getLogger(__name__)
 
-OOD_KEEP_IN_DISTRIBUTION = 0.95      # the OOD threshold keeps this share of validation dermoscopy images
+GUARD_KEEP = 0.96        # the guard passes this share of validation images, clean and through the upload shifts
+GUARD_FOLDS = GUARD_MIN_LESIONS  # cross-validation of the guard over the photos it is fitted on
 AGE_BANDS = ((0, 30, "<30"), (30, 45, "30-44"), (45, 60, "45-59"), (60, 75, "60-74"), (75, 200, "75+"))
 # scikit-image's sample pictures that ship inside its wheel (no download): photographs, microscopy, astronomy,
 # text and graphics, none of them dermoscopy
@@ -85,8 +88,68 @@ def subgroups(table, labels, probs, predictions, label_names, mel: int | None, m
     return out
 
 
+def fit_guard(outputs: dict[str, dict]) -> tuple[DermoscopyGuard, dict]:
+    """The served guard and its report. Dermoscopy: the training images, clean and through the upload shifts;
+    not dermoscopy: the skin photos (each with random framings) and the ordinary photos. The threshold passes
+    GUARD_KEEP of the validation images, clean and shifted. The photos' flag rates come from cross-validation:
+    each fold scored by a guard fitted without it (skin photos grouped by lesion)."""
+    train = outputs["train"]
+    dermoscopy = np.vstack([train["features"], outputs["train_shifted"]["features"]])
+    validation = [outputs["validation"]["features"], outputs["validation_shifted"]["features"]]
+    photos = outputs["photos"]["features"]
+    skin = outputs.get("guard_photos")
+
+    def fit(skin_rows, photo_rows) -> DermoscopyGuard:
+        negatives = [photos[photo_rows]] + ([skin["features"][skin_rows]] if skin is not None else [])
+        guard = DermoscopyGuard.fit(train["features"], train["labels"], dermoscopy, np.vstack(negatives))
+        guard.threshold = float(np.quantile(np.concatenate([guard.score(v) for v in validation]), GUARD_KEEP))
+        return guard
+
+    guard = fit(slice(None), slice(None))
+    photo_fold = np.arange(len(photos)) % GUARD_FOLDS
+    if skin is not None:
+        lesions = np.array([lesion_of(n) for n in skin["names"]])[skin["labels"]]  # per row (views of a photo)
+        skin_fold = np.zeros(len(lesions), dtype=int)
+        for k, (_, held) in enumerate(GroupKFold(GUARD_FOLDS).split(lesions, groups=lesions)):
+            skin_fold[held] = k
+        first_view = skin["views"] == 0  # the photos as taken are scored; their framings only train
+    held_skin, held_photos, held_validation = [], [], []
+    for k in range(GUARD_FOLDS):
+        fold = fit(skin_fold != k if skin is not None else None, photo_fold != k)
+        held_photos.append(fold.score(photos[photo_fold == k]) > fold.threshold)
+        held_validation.append(fold.score(outputs["validation"]["features"]) > fold.threshold)
+        if skin is not None:
+            held = (skin_fold == k) & first_view
+            held_skin.append((fold.score(skin["features"][held]) - fold.threshold,
+                              fold.score(outputs["validation"]["features"]) - fold.threshold))
+    report = {
+        "method": "dermoscopy-vs-not logistic head on penultimate features and their log Mahalanobis distance to "
+                  "the nearest training class (shared Ledoit-Wolf covariance)",
+        "threshold": guard.threshold,
+        "threshold_rule": f"{GUARD_KEEP:.0%} of validation images pass, clean and through the upload shifts",
+        "photos": list(PHOTO_SAMPLES),
+        "validation_flagged": float(np.mean(guard.score(validation[0]) > guard.threshold)),
+        "validation_shifted_flagged": float(np.mean(guard.score(validation[1]) > guard.threshold)),
+        "cross_validated": {"folds": GUARD_FOLDS,
+                            "photos_flagged": float(np.mean(np.concatenate(held_photos))),
+                            "validation_flagged": float(np.mean(held_validation))},
+        "skin_photos": None,
+    }
+    if skin is not None:
+        skin_margin = np.concatenate([m for m, _ in held_skin])
+        val_margin = np.concatenate([m for _, m in held_skin])
+        report["skin_photos"] = {
+            "folder": str(skin["folder"]), "photos": int(first_view.sum()), "lesions": int(len(set(lesions))),
+            "views_per_photo": int(skin["views"].max()) + 1}
+        report["cross_validated"].update(
+            skin_photos_flagged=float(np.mean(skin_margin > 0)),
+            auroc_validation_vs_skin_photos=float(roc_auc_score(
+                np.r_[np.zeros(len(val_margin)), np.ones(len(skin_margin))], np.r_[val_margin, skin_margin])))
+    return guard, report
+
+
 def analyze(name: str, outputs: dict[str, dict], tables: dict, label_names, resamples: int,
-            out: Path) -> tuple[dict, PostHocSettings, MahalanobisDetector, dict]:
+            out: Path) -> tuple[dict, PostHocSettings, DermoscopyGuard, dict]:
     """The analysis of one trained model from its evaluation pass (`outputs`: train with one view, validation,
     test and the non-dermoscopic photos with TTA_VIEWS views). Writes reliability_diagram.png into `out`.
     Returns analysis.json's content, the fitted settings (CAM method still the default), the OOD detector and,
@@ -127,22 +190,18 @@ def analyze(name: str, outputs: dict[str, dict], tables: dict, label_names, resa
                     "validation": operating_point(val_p[:, mel], val["labels"] == mel, mel_threshold),
                     "test": operating_point(test_p[:, mel], test["labels"] == mel, mel_threshold)}
 
-    # out of distribution: Mahalanobis on penultimate features fitted on train, threshold on validation
-    detector = MahalanobisDetector.fit(outputs["train"]["features"], outputs["train"]["labels"])
-    val_scores = detector.score(val["features"])
-    detector.threshold = float(np.quantile(val_scores, OOD_KEEP_IN_DISTRIBUTION))
-    test_scores, photo_scores = detector.score(test["features"]), detector.score(photos["features"])
+    # out of distribution: the dermoscopy-vs-not guard, its threshold on validation (clean and shifted)
+    detector, ood = fit_guard(outputs)
+    val_scores, test_scores = detector.score(val["features"]), detector.score(test["features"])
+    photo_scores = detector.score(photos["features"])
     photo_z = view_logits(photos, use_tta)
     is_photo = np.r_[np.zeros(len(test_scores)), np.ones(len(photo_scores))]
-    ood = {"method": "mahalanobis (nearest class, shared Ledoit-Wolf covariance, penultimate features of train)",
-           "threshold": detector.threshold, "threshold_rule": f"{OOD_KEEP_IN_DISTRIBUTION:.0%} of validation kept",
-           "photos": list(PHOTO_SAMPLES),
-           "auroc_test_vs_photos": float(roc_auc_score(is_photo, np.r_[test_scores, photo_scores])),
-           "auroc_energy_test_vs_photos": float(roc_auc_score(
-               is_photo, np.r_[energy_score(test_z, temperature), energy_score(photo_z, temperature)])),
-           "test_flagged": float(np.mean(test_scores > detector.threshold)),
-           "photos_flagged": float(np.mean(photo_scores > detector.threshold)),
-           "photo_scores": {n: float(s) for n, s in zip(PHOTO_SAMPLES, photo_scores)}}
+    ood.update({"auroc_test_vs_photos": float(roc_auc_score(is_photo, np.r_[test_scores, photo_scores])),
+                "auroc_energy_test_vs_photos": float(roc_auc_score(
+                    is_photo, np.r_[energy_score(test_z, temperature), energy_score(photo_z, temperature)])),
+                "test_flagged": float(np.mean(test_scores > detector.threshold)),
+                "photos_flagged": float(np.mean(photo_scores > detector.threshold)),
+                "photo_scores": {n: float(s) for n, s in zip(PHOTO_SAMPLES, photo_scores)}})
 
     test_table = tables["test"]
     analysis = {

@@ -138,15 +138,28 @@ def small_data(ham224, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smoke_run(small_data, tmp_path_factory):
+def guard_photos(ham224, tmp_path_factory) -> Path:
+    """Twelve real phone photos of skin (clinical-photos, PAD-UFES-20) for the out-of-distribution guard."""
+    source = ham224.parent / "clinical-photos"
+    files = sorted(source.glob("*.jpg"))[::9]
+    if len(files) < 12:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{source} lacks the clinical photos")
+    folder = tmp_path_factory.mktemp("guard-photos")
+    for f in files:
+        (folder / f.name).symlink_to(f)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smoke_run(small_data, guard_photos, tmp_path_factory):
     """All three default backbones, random init, 64 px, 8 steps: every artifact a run writes."""
     out = tmp_path_factory.mktemp("runs") / "smoke"
     run_train(*SMALL_RUN, "--data-dir", str(small_data), "--backbones", *DEFAULT_BACKBONES, "--output-dir", str(out),
-              "--epochs", "2")
+              "--epochs", "2", "--guard-photos", str(guard_photos))
     return out
 
 
-DATA_FIXTURES = {"ham224", "small_data", "smoke_run", "full_data", "originals", "straight_run"}
+DATA_FIXTURES = {"ham224", "small_data", "guard_photos", "smoke_run", "full_data", "originals", "straight_run"}
 TRAINING_FIXTURES = {"smoke_run", "straight_run"}
 
 

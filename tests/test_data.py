@@ -16,9 +16,10 @@ import pytest
 from PIL import Image
 
 import train
-from conftest import REPO, make_imagefolder, pick_rows, read_metadata, write_metadata, write_skin_cancer_repo
+from conftest import (REPO, make_imagefolder, pick_rows, read_metadata, run_train, write_metadata,
+                      write_skin_cancer_repo)
 from dermadetect.config import DataConfig, RunConfig
-from dermadetect.data import (BadDataError, LesionLeakError, check_no_lesion_leak,
+from dermadetect.data import (BadDataError, LesionLeakError, check_no_lesion_leak, guard_photo_files, lesion_of,
                               class_weights, lesion_grouped_split, load_lesion_data)
 from dermadetect.labels import HAM10000_CLASSES
 
@@ -283,3 +284,25 @@ def test_class_weights_by_hand():
 def test_training_loader_shuffles_without_replacement(full_data):
     loader, _ = train.make_loaders(full_data, None, None, RunConfig(data=DataConfig(num_workers=0)))
     assert sorted(loader.sampler) == list(range(len(full_data.splits["train"])))
+
+
+def test_guard_photos_folder_is_checked_before_training(small_data, tmp_path):
+    """A missing folder, or photos of too few lesions to cross-validate the guard, stop train.py before it
+    trains, with one plain line; photos of one lesion (names differing in a trailing number) count once."""
+    missing = run_train("--config", str(REPO / "configs" / "smoke.yaml"), "--data-dir", str(small_data),
+                        "--guard-photos", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "run"),
+                        check=False)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].startswith("error: data.guard_photos:")
+    assert not (tmp_path / "run" / "resnet18").exists()
+    with pytest.raises(BadDataError, match="not a folder.*--guard-photos ''"):
+        guard_photo_files(tmp_path / "nowhere")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("PAT_1_2_3", "PAT_1_2_4", "PAT_1_5_6", "PAT_7_8_9", "PAT_10_11_12"):
+        Image.new("RGB", (64, 64)).save(folder / f"{name}.jpg")
+    with pytest.raises(BadDataError, match="5 images of 4 lesion"):
+        guard_photo_files(folder)
+    Image.new("RGB", (64, 64)).save(folder / "PAT_13_14_15.png")
+    assert len(guard_photo_files(folder)) == 6
+    assert lesion_of("padufes20__ACK__PAT_1020_111_593.jpg") == "padufes20__ACK__PAT_1020_111"

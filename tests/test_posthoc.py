@@ -1,5 +1,5 @@
 """Calibration, the class-balanced decision, operating points, bootstrap intervals, test-time augmentation and
-the OOD detector, each checked against an independent computation."""
+the out-of-distribution guard, each checked against an independent computation."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.covariance import LedoitWolf
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from dermadetect.metrics import bootstrap_intervals, operating_point, reliability_bins, threshold_for_sensitivity
-from dermadetect.posthoc import (MahalanobisDetector, adjusted_decisions, dihedral_batch, energy_score,
-                                 fit_adjustment_strength, fit_temperature, nll, softmax)
+from dermadetect.posthoc import (GUARD_REGULARISATION, DermoscopyGuard, adjusted_decisions, dihedral_batch,
+                                 energy_score, fit_adjustment_strength, fit_temperature, nll, softmax)
 
 LABELS = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
@@ -130,22 +134,41 @@ def test_dihedral_views_are_the_eight_symmetries():
     assert {tuple(v.flatten().tolist()) for v in rotated[0]} == {tuple(v.flatten().tolist()) for v in views[0]}
 
 
-def test_mahalanobis_detector_matches_numpy_and_round_trips(tmp_path):
+def test_guard_matches_scikit_learn_and_round_trips(tmp_path):
+    """The guard's score is scikit-learn's logistic regression on [features, log Mahalanobis distance to the
+    nearest class mean] (distance computed here with numpy), standardised; saved and loaded it scores alike."""
     rng = np.random.default_rng(3)
     means = rng.normal(0, 5, (3, 6))
     labels = np.repeat(np.arange(3), 400)
     features = means[labels] + rng.normal(0, 1, (1200, 6))
-    detector = MahalanobisDetector.fit(features, labels)
-    probe = np.vstack([means + rng.normal(0, 1, (3, 6)), rng.normal(0, 1, (3, 6)) + 30])
-    precision = detector.precision.double().numpy()
-    fitted = detector.means.double().numpy()
-    expected = np.array([min((p - m) @ precision @ (p - m) for m in fitted) for p in probe])
-    assert detector.score(probe) == pytest.approx(expected, rel=1e-6)
-    assert expected[:3].max() < 30 < expected[3:].min()    # near a class mean vs far from all of them
-    detector.threshold = 12.5
-    detector.save(tmp_path)
-    loaded = MahalanobisDetector.load(tmp_path / "ood.safetensors", 12.5)
-    assert loaded.score(probe) == pytest.approx(detector.score(probe)) and loaded.threshold == 12.5
+    shifted = features + rng.normal(0, 0.5, features.shape)
+    others = rng.normal(0, 1, (60, 6)) * 3 + 12
+    guard = DermoscopyGuard.fit(features, labels, np.vstack([features, shifted]), others)
+
+    centred = features - means_of(features, labels)[labels]
+    precision = LedoitWolf(assume_centered=True).fit(centred).get_precision()
+    fitted_means = means_of(features, labels)
+
+    def inputs(f):
+        distance = np.array([min((x - m) @ precision @ (x - m) for m in fitted_means) for x in f])
+        return np.hstack([f, np.log(distance)[:, None]])
+
+    x = inputs(np.vstack([features, shifted, others]))
+    y = np.r_[np.zeros(2400), np.ones(60)]
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=GUARD_REGULARISATION, class_weight="balanced",
+                                                                   max_iter=5000)).fit(x, y)
+    probe = np.vstack([means + rng.normal(0, 1, (3, 6)), rng.normal(0, 1, (3, 6)) * 3 + 12])
+    # float32 storage of the class Gaussians: agreement to a few parts in 1e4
+    assert guard.score(probe) == pytest.approx(reference.decision_function(inputs(probe)), rel=1e-3, abs=1e-3)
+    assert guard.score(probe[:3]).max() < 0 < guard.score(probe[3:]).min()  # dermoscopy-like vs not
+    guard.threshold = 1.5
+    guard.save(tmp_path)
+    loaded = DermoscopyGuard.load(tmp_path / "ood.safetensors", 1.5)
+    assert loaded.score(probe) == pytest.approx(guard.score(probe), rel=1e-12) and loaded.threshold == 1.5
+
+
+def means_of(features, labels):
+    return np.stack([features[labels == k].mean(axis=0) for k in np.unique(labels)])
 
 
 def test_energy_is_negative_logsumexp():
