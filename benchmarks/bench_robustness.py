@@ -11,8 +11,8 @@ model card's Limitations section shows that table.
 
     python benchmarks/bench_robustness.py RUN/BACKBONE/export --data ../shared/data/ham10000-224 --split test \\
         --out RUN/BACKBONE/robustness_test.json
-    python benchmarks/bench_robustness.py MODEL_DIR --data ../shared/data/ham10000-224 --split validation \\
-        --splits results/cpu-study/splits.csv
+    python benchmarks/bench_robustness.py RUN/BACKBONE/export --data ../shared/data/ham10000-224 \\
+        --split validation --splits RUN/splits.csv --out RUN/BACKBONE/robustness_validation.json
 """
 
 from __future__ import annotations

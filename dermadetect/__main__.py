@@ -131,7 +131,7 @@ def run_stage(stage: str, run_dir: Path, push_prefix: str | None = None, private
 
 RESULT_FILES = ("metrics.json", "explain_faithfulness.json", "analysis.json", "posthoc.json", "confusion_matrix.png",
                 "roc_curves.png", "training_curves.png", "gradcam_gallery.png", "reliability_diagram.png",
-                ROBUSTNESS_FILE,
+                ROBUSTNESS_FILE, "robustness_validation.json",
                 # per image (ids, labels, calibrated probabilities, decision): every analysed number can be redone
                 "predictions_calibrated_validation.csv", "predictions_calibrated_test.csv")
 BUNDLE_FILES = ("config.json", "model.safetensors", "README.md", "examples.json", "analysis.json", OOD_FILE)

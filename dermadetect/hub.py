@@ -322,7 +322,7 @@ def robustness_section(robustness: dict | None) -> str:
                 "rotation) was not measured\n  for this card (benchmarks/bench_robustness.py).\n")
     return f"""- Uploads differ from the test images: the {robustness['rows'][0]['images']} test images under the fixed
   shifts of `benchmarks/bench_robustness.py`, everything served applied (the call, the melanoma threshold,
-  calibrated probabilities, the guard). Low resolution, heavy JPEG and blur cost the most.
+  calibrated probabilities, the guard); "change" is against the clean images.
 
 {robustness_markdown(robustness['rows'])}
 """

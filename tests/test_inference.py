@@ -18,6 +18,7 @@ import timm
 import torch
 from PIL import Image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from safetensors.torch import save_file
 from timm.data import create_transform, resolve_model_data_config
 
 from conftest import REPO, data_root
@@ -128,12 +129,20 @@ def test_export_carries_its_own_licence_and_versioned_settings(model_dirs, tmp_p
     checkpoint's; a folder whose settings lack the schema version (an older export) is refused in plain words."""
     config = json.loads((model_dirs["efficientnet_lite0"] / "config.json").read_text())
     assert config["pretrained_cfg"]["license"] == "cc-by-nc-4.0" and config["pretrained_cfg"]["tag"] == "ham10000"
-    assert config["dermadetect"]["schema_version"] == 1
+    assert config["dermadetect"]["schema_version"] == 2
     old = shutil.copytree(model_dirs["resnet18"], tmp_path / "old")
     del config["dermadetect"]["schema_version"]
     (old / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelSourceError, match="schema version"):
         load_model(str(old))
+    # a guard file of the Mahalanobis-only kind (schema 1) beside current settings: refused, saying what to do
+    mixed = shutil.copytree(model_dirs["resnet18"], tmp_path / "mixed")
+    config = json.loads((mixed / "config.json").read_text())
+    config["dermadetect"]["ood_threshold"] = 10.0
+    (mixed / "config.json").write_text(json.dumps(config))
+    save_file({"means": torch.zeros(7, 512), "precision": torch.eye(512)}, str(mixed / "ood.safetensors"))
+    with pytest.raises(ModelSourceError, match="older out-of-distribution file.*export the model again"):
+        load_model(str(mixed))
 
 
 @pytest.mark.parametrize("size", [(640, 360), (300, 500)])

@@ -230,3 +230,21 @@ def test_readme_is_a_short_space_card_whose_links_resolve():
     assert text.startswith("---\n") and "app_file: app.py" in text  # the Space's front matter
     for link in re.findall(r"\]\((docs/[^)#]+)", text):
         assert (REPO / link).is_file(), link
+
+
+def test_robustness_benchmark_agrees_with_the_analysis_on_clean_test_images():
+    """The card's robustness table (benchmarks/bench_robustness.py, its own data loading and forward pass) and
+    the evaluation pass behind analysis.json score the clean test set alike: the same served call, melanoma
+    sensitivity, calibration and guard flags."""
+    run, backbone = bundled_run()
+    robustness = json.loads((run / backbone / "robustness_test.json").read_text())
+    analysis = json.loads((run / backbone / "analysis.json").read_text())
+    clean = next(r for r in robustness["rows"] if r["condition"] == "clean")
+    assert clean["images"] == sum(analysis["test_final"][k] for k in analysis["test_final"] if k.startswith("support/"))
+    assert clean["balanced_accuracy"] == pytest.approx(analysis["test_final"]["balanced_accuracy"], abs=2e-3)
+    assert clean["melanoma_sensitivity"] == pytest.approx(analysis["melanoma_operating_point"]["test"]["sensitivity"],
+                                                          abs=0.01)
+    assert clean["ece"] == pytest.approx(analysis["calibration"]["test"]["after"]["ece"], abs=3e-3)
+    assert clean["ood_flagged"] == pytest.approx(analysis["ood"]["test_flagged"], abs=3e-3)
+    assert {r["condition"] for r in robustness["rows"]} >= {"clean", "downscale_128", "downscale_160", "jpeg_30",
+                                                            "aspect_4_3", "colour_cast", "blur", "rotate_37"}
