@@ -84,7 +84,7 @@ class GuardPhotos(Dataset):
     through the upload shifts; the label is the photo's index."""
 
     def __init__(self, files, transform):
-        self.files, self.transform = files, transform
+        self.files, self.transform, self.shift = files, transform, RandomShift(GUARD_SHIFT)
 
     def __len__(self):
         return len(self.files) * (GUARD_VIEWS + 1)
@@ -94,7 +94,7 @@ class GuardPhotos(Dataset):
         image = open_image(self.files[photo])
         if view:
             rng = random.Random(i)
-            image = RandomShift(GUARD_SHIFT)(random_view(image, rng), rng)
+            image = self.shift(random_view(image, rng), rng)
         return {"pixel_values": self.transform(image), "label": photo}
 
 

@@ -117,11 +117,11 @@ def fit_guard(outputs: dict[str, dict]) -> tuple[DermoscopyGuard, dict]:
     for k in range(GUARD_FOLDS):
         fold = fit(skin_fold != k if skin is not None else None, photo_fold != k)
         held_photos.append(fold.score(photos[photo_fold == k]) > fold.threshold)
-        held_validation.append(fold.score(outputs["validation"]["features"]) > fold.threshold)
+        validation_margin = fold.score(validation[0]) - fold.threshold
+        held_validation.append(validation_margin > 0)
         if skin is not None:
             held = (skin_fold == k) & first_view
-            held_skin.append((fold.score(skin["features"][held]) - fold.threshold,
-                              fold.score(outputs["validation"]["features"]) - fold.threshold))
+            held_skin.append((fold.score(skin["features"][held]) - fold.threshold, validation_margin))
     report = {
         "method": "dermoscopy-vs-not logistic head on penultimate features and their log Mahalanobis distance to "
                   "the nearest training class (shared Ledoit-Wolf covariance)",
