@@ -159,6 +159,44 @@ def smoke_run(small_data, guard_photos, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> Path:
+    """A served-model folder without data or training: an untrained ConvNeXtV2-atto at 64 px written by the
+    export's own writers, with every post-hoc setting switched on (8 views, temperature, class-balanced call,
+    melanoma flag, a guard on synthetic features) and three synthetic example images. Its guard threshold
+    never flags: what the guard flags is tested on the bundled model, whose guard saw real images."""
+    import timm
+    import torch
+    from PIL import Image, ImageDraw
+
+    from dermadetect.config import DataConfig
+    from dermadetect.data import build_transforms
+    from dermadetect.hub import export_for_hub
+    from dermadetect.labels import HAM10000_CLASSES
+    from dermadetect.pipeline import write_examples
+    from dermadetect.posthoc import DermoscopyGuard, PostHocSettings
+
+    torch.manual_seed(0)
+    model = timm.create_model("convnextv2_atto", num_classes=len(HAM10000_CLASSES)).eval()
+    _, _, data_config = build_transforms(model, DataConfig(image_size=64))
+    prior = (0.03, 0.05, 0.11, 0.01, 0.11, 0.67, 0.02)  # HAM10000's class shares, rounded
+    settings = PostHocSettings(temperature=1.4, tta_views=8, class_prior=prior, adjustment_strength=0.5,
+                               melanoma_threshold=0.15, ood_threshold=1e6, cam_method="layercam")
+    export = export_for_hub(model, "convnextv2_atto", HAM10000_CLASSES, data_config,
+                            tmp_path_factory.mktemp("tiny") / "export", settings)
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(70, model.num_features))
+    DermoscopyGuard.fit(features, np.arange(70) % len(HAM10000_CLASSES), features,
+                        rng.normal(1.0, size=(30, model.num_features))).save(export)
+    examples = []
+    for i, label in enumerate(("bkl", "mel", "nv")):
+        image = Image.new("RGB", (120, 90), (205, 160, 140))
+        ImageDraw.Draw(image).ellipse((30 + 5 * i, 20, 90, 70), fill=(110 - 30 * i, 70, 50))
+        examples.append((image, label, f"synthetic-{label}"))
+    write_examples(export, examples)
+    return export
+
+
 DATA_FIXTURES = {"ham224", "small_data", "guard_photos", "smoke_run", "full_data", "originals", "straight_run"}
 TRAINING_FIXTURES = {"smoke_run", "straight_run"}
 

@@ -32,8 +32,8 @@ def originals() -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def predictor(smoke_run) -> Predictor:
-    return Predictor(str(smoke_run / "convnextv2_nano" / "export"))
+def predictor(tiny_export) -> Predictor:
+    return Predictor(str(tiny_export))
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +81,26 @@ def test_reused_overlay_file_is_not_pruned(tmp_path, monkeypatch):
         assert reread.size == (64, 48)
 
 
+def page_texts(demo) -> str:
+    return " ".join(str(b.value) for b in demo.blocks.values() if isinstance(getattr(b, "value", None), str))
+
+
 def test_page_shows_disclaimer_model_and_examples(served, predictor):
     url, demo = served
-    texts = " ".join(str(b.value) for b in demo.blocks.values() if isinstance(getattr(b, "value", None), str))
+    texts = page_texts(demo)
     assert "never diagnoses" in texts
-    assert "convnextv2_nano" in texts and str(predictor.loaded.folder) not in texts  # named, not a local path
-    # the figures as served lead, from the analysis the model ships with; the network alone comes second
-    served = json.loads((predictor.loaded.folder / "analysis.json").read_text())["bootstrap"]["test"]
+    assert "`convnextv2_atto`" in texts and str(predictor.loaded.folder) not in texts  # named, not a local path
+    assert len(app.find_examples(predictor)) == 3  # from examples.json in the model folder
+
+
+def test_bundled_page_leads_with_the_served_figures():
+    """The figures as served lead, from the analysis the bundled model ships with; the network alone (from
+    its card) comes second."""
+    predictor = Predictor(str(app.BUNDLED_MODEL))
+    texts = page_texts(app.build_demo(predictor))
+    served = json.loads((app.BUNDLED_MODEL / "analysis.json").read_text())["bootstrap"]["test"]
     assert texts.index(f"balanced accuracy {served['balanced_accuracy']['value']:.3f}") < texts.index(
         "The network alone")
-    assert app.find_examples(predictor)  # from examples.json in the model folder
 
 
 def test_api_over_http(served, originals, tmp_path):
@@ -274,14 +284,14 @@ def test_opacity_change_reblends_the_cached_cam(predictor, originals):
     assert np.array_equal(np.asarray(predictor.overlay(path, first.cam, 0.2)), np.asarray(again.overlay))
 
 
-def test_default_falls_back_to_bundled_model_offline(smoke_run, monkeypatch):
+def test_default_falls_back_to_bundled_model_offline(tiny_export, monkeypatch, tmp_path):
     monkeypatch.delenv("DERMADETECT_MODEL", raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(app, "BUNDLED_MODEL", smoke_run / "resnet18" / "export")
+    monkeypatch.setattr(app, "BUNDLED_MODEL", tiny_export)
     # an empty cache: huggingface_hub reads HF_HOME at import, so its constant is what counts
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(smoke_run / "empty-hf-home"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-hf-home"))
     predictor, notice = app.load_predictor(None)
-    assert predictor.loaded.architecture == "resnet18"
+    assert predictor.loaded.folder == tiny_export
     assert notice == (f"The published model ({app.HUB_MODEL[len('hf-hub:'):]}) is not cached here and the Hugging "
                       "Face Hub is switched off here (HF_HUB_OFFLINE=1), so this page serves the bundled model instead.")
     page = app.build_demo(predictor, notice)

@@ -41,11 +41,13 @@ def test_card_front_matter_and_numbers_come_from_metrics(smoke_run):
 
 
 @pytest.fixture()
-def local_hub(smoke_run, tmp_path):
-    """A local Hub holding a smoke export (test/model) and a repo with pickle weights only (test/pickle-only)."""
+def local_hub(tiny_export, tmp_path):
+    """A local Hub holding a model folder (test/model) and a repo with pickle weights only (test/pickle-only)."""
     with LocalHub() as hub:
-        export = smoke_run / "resnet18" / "export"
+        export = tiny_export
         files = {str(p.relative_to(export)): p for p in export.rglob("*") if p.is_file()}
+        files["README.md"] = b"---\nlicense: cc-by-nc-4.0\n---\nThe first card\n"
+        files["gradcam_gallery.png"] = b"plots stay on the Hub page: never downloaded"
         files["notes/training-log.txt"] = b"not part of a model folder: never downloaded"
         hub.add_repo("test/model", files)
         hub.add_repo("test/pickle-only", {"config.json": export / "config.json",
@@ -75,10 +77,14 @@ def load_in_subprocess(source: str, image: str, hub: LocalHub, hf_home, offline:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_download_whole_model_folder_pinned_then_offline(local_hub, smoke_run, small_data, tmp_path):
-    image = str(next((small_data / "test").glob("*.jpg")))
+def example_image(export: Path) -> str:
+    return str(next((export / "examples").glob("*.jpg")))
+
+
+def test_download_whole_model_folder_pinned_then_offline(local_hub, tiny_export, tmp_path):
+    image = example_image(tiny_export)
     from dermadetect.inference import Predictor
-    local = Predictor(str(smoke_run / "resnet18" / "export")).predict(image)
+    local = Predictor(str(tiny_export)).predict(image)
     first = local_hub.commits("test/model")[-1]
     local_hub.add_repo("test/model", {"README.md": b"---\nlicense: cc-by-nc-4.0\n---\nA later card\n"})
 
@@ -89,11 +95,10 @@ def test_download_whole_model_folder_pinned_then_offline(local_hub, smoke_run, s
     folder = Path(online["folder"])
     assert str(tmp_path / "hf") in str(folder) and folder.name == first  # huggingface_hub's cache, that commit
     assert online["source"] == f"hf-hub:test/model@{first}"
-    export = smoke_run / "resnet18" / "export"
     # the page needs the card and the examples: the whole model folder, nothing else of the repo
     assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == sorted(
-        str(p.relative_to(export)) for p in export.rglob("*") if p.is_file() and p.suffix != ".png")
-    assert (folder / "README.md").read_text() == (export / "README.md").read_text()  # the pinned card
+        ["README.md"] + [str(p.relative_to(tiny_export)) for p in tiny_export.rglob("*") if p.is_file()])
+    assert (folder / "README.md").read_text().endswith("The first card\n")  # the pinned card
 
     latest = load_in_subprocess("hf-hub:test/model", image, local_hub, tmp_path / "hf")
     assert Path(latest["folder"]).name == local_hub.commits("test/model")[-1]
@@ -109,8 +114,8 @@ def test_download_whole_model_folder_pinned_then_offline(local_hub, smoke_run, s
     assert "test/other@main" in missing["error"] and "local cache" in missing["error"]
 
 
-def test_missing_repo_wrong_revision_and_pickle_only_repo_are_refused(local_hub, small_data, tmp_path):
-    image = str(next((small_data / "test").glob("*.jpg")))
+def test_missing_repo_wrong_revision_and_pickle_only_repo_are_refused(local_hub, tiny_export, tmp_path):
+    image = example_image(tiny_export)
     missing = load_in_subprocess("hf-hub:test/unpublished", image, local_hub, tmp_path / "hf")
     assert missing["type"] == "HubRepoMissing" and "test/unpublished does not exist on the Hub" in missing["error"]
     wrong = load_in_subprocess("hf-hub:test/model@v9.9", image, local_hub, tmp_path / "hf")
@@ -119,10 +124,10 @@ def test_missing_repo_wrong_revision_and_pickle_only_repo_are_refused(local_hub,
     assert "has no model.safetensors" in pickled["error"] and "safetensors" in pickled["error"]
 
 
-def test_hub_outage_serves_the_cache_and_a_refused_token_is_an_error(local_hub, small_data, tmp_path):
+def test_hub_outage_serves_the_cache_and_a_refused_token_is_an_error(local_hub, tiny_export, tmp_path):
     """A Hub that answers 503 is out of reach: the cached model is served, an uncached one is HubUnreachable. A
     token the Hub refuses (401) is the user's to fix: an error that says so, never a silent offline fallback."""
-    image = str(next((small_data / "test").glob("*.jpg")))
+    image = example_image(tiny_export)
     cached = load_in_subprocess("hf-hub:test/model", image, local_hub, tmp_path / "hf")
     local_hub.outage = 503
     down = load_in_subprocess("hf-hub:test/model", image, local_hub, tmp_path / "hf")

@@ -378,3 +378,41 @@ def test_analysis_choices_are_made_on_validation(smoke_run):
         assert analysis["ood"]["photos"] and 0 <= analysis["ood"]["auroc_test_vs_photos"] <= 1
         assert {g["group"] for g in analysis["subgroups"]["sex"]} <= {"female", "male", "unknown"}
         assert sum(g["images"] for g in analysis["subgroups"]["dataset"]) == len(labels)
+
+
+# The ISIC 9-class collection ("Skin Cancer ISIC": Train/<class>/, Test/<class>/) names its classes in words.
+# Stand-in images come from HAM10000 classes of the same diagnosis (bkl and akiec each feed two folders).
+ISIC_NINE = {"actinic keratosis": "akiec", "basal cell carcinoma": "bcc", "dermatofibroma": "df",
+             "melanoma": "mel", "nevus": "nv", "pigmented benign keratosis": "bkl", "seborrheic keratosis": "bkl",
+             "squamous cell carcinoma": "akiec", "vascular lesion": "vasc"}
+
+
+def test_isic_class_folders_run_from_fit_to_the_melanoma_flag(ham224, guard_photos, tmp_path):
+    """A class-folder tree in the ISIC 9-class naming trains, is analysed (melanoma threshold chosen on
+    validation) and exported; the Predictor raises the melanoma flag from the export's own threshold."""
+    from dermadetect.inference import Predictor
+
+    rows = read_metadata(ham224 / "train" / "metadata.csv")
+    used = set()
+    for name, code in ISIC_NINE.items():
+        chosen = [r for r in rows if r["dx"] == code and r["image_id"] not in used][:14]
+        used |= {r["image_id"] for r in chosen}
+        for split, part in (("Train", chosen[:10]), ("Test", chosen[10:])):
+            folder = tmp_path / "isic" / split / name
+            folder.mkdir(parents=True)
+            for row in part:
+                (folder / row["file_name"]).symlink_to(ham224 / "train" / row["file_name"])
+    out = tmp_path / "run"
+    result = run_train(*SMALL_RUN, "--data-dir", str(tmp_path / "isic"), "--output-dir", str(out),
+                       "--guard-photos", str(guard_photos))
+    assert "no lesion ids" in result.stderr
+    config = json.loads((out / "resnet18" / "export" / "config.json").read_text())
+    assert config["label_names"] == sorted(ISIC_NINE) and config["num_classes"] == 9
+    analysis = json.loads((out / "resnet18" / "analysis.json").read_text())
+    threshold = config["dermadetect"]["melanoma_threshold"]
+    assert threshold == analysis["melanoma_operating_point"]["threshold"] is not None
+    assert analysis["test_final"]["support/melanoma"] == 4 and 0 <= analysis["test_final"]["melanoma_sensitivity"] <= 1
+    image = next((tmp_path / "isic" / "Test" / "melanoma").iterdir())
+    result = Predictor(str(out / "resnet18" / "export")).predict(image)
+    assert set(result.probabilities) == set(ISIC_NINE)
+    assert result.melanoma_flag == (result.probabilities["melanoma"] >= threshold)
