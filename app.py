@@ -159,8 +159,8 @@ def summary_line(result: Prediction, label_names, withheld: bool = True) -> str:
     text += f"The model's call is **{readable_name(call)}** ({probabilities[call]:.0%}). "
     if call != top:
         text += (f"Its highest probability is {readable_name(top)} ({probabilities[top]:.0%}): the call weighs the "
-                 "rarer classes up, by as much as recognised all seven classes most evenly on validation data "
-                 "(balanced accuracy). ")
+                 f"rarer classes up, by as much as recognised all {len(label_names)} classes most evenly on "
+                 "validation data (balanced accuracy). ")
     text += (f"{malignant:.0%} of the probability falls on classes that include skin cancers "
              f"({', '.join(n for n in label_names if n in MALIGNANT)}). This is not a diagnosis.")
     if result.melanoma_flag and not result.out_of_distribution:
@@ -277,7 +277,8 @@ def build_demo(predictor: Predictor, notice: str = "") -> gr.Blocks:
                         gr.Markdown(CAM_LEGEND, elem_id="cam-legend")
                 summary = gr.Markdown(label="Summary", elem_id="summary")
                 show_anyway = gr.Button("Show the scores anyway", visible=False, elem_id="show-anyway")
-        with gr.Accordion("The seven classes, and what this tool can and cannot do", open=False, elem_id="glossary"):
+        with gr.Accordion(f"The {len(predictor.label_names)} classes, and what this tool can and cannot do",
+                          open=False, elem_id="glossary"):
             gr.Markdown(glossary(predictor))
 
         outputs = [chart, overlay, summary, withheld, analysed]

@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app import BUNDLED_MODEL
 from conftest import REPO
 from local_hub import LocalHub, client_env
 from dermadetect.config import DEFAULT_BACKBONES
 from dermadetect.hub import CARD_METRICS
 from dermadetect.report import read_backbone_row, write_comparison
+
 
 def front_matter(card_text: str) -> dict:
     assert card_text.startswith("---\n")
@@ -46,7 +48,8 @@ def local_hub(tiny_export, tmp_path):
     with LocalHub() as hub:
         export = tiny_export
         files = {str(p.relative_to(export)): p for p in export.rglob("*") if p.is_file()}
-        files["README.md"] = b"---\nlicense: cc-by-nc-4.0\n---\nThe first card\n"
+        # a card and an analysis as an export writes them: the bundled model's
+        files.update({name: BUNDLED_MODEL / name for name in ("README.md", "analysis.json")})
         files["gradcam_gallery.png"] = b"plots stay on the Hub page: never downloaded"
         files["notes/training-log.txt"] = b"not part of a model folder: never downloaded"
         hub.add_repo("test/model", files)
@@ -95,10 +98,11 @@ def test_download_whole_model_folder_pinned_then_offline(local_hub, tiny_export,
     folder = Path(online["folder"])
     assert str(tmp_path / "hf") in str(folder) and folder.name == first  # huggingface_hub's cache, that commit
     assert online["source"] == f"hf-hub:test/model@{first}"
-    # the page needs the card and the examples: the whole model folder, nothing else of the repo
+    # the page needs the card, the analysis and the examples: the whole model folder, nothing else of the repo
     assert sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) == sorted(
-        ["README.md"] + [str(p.relative_to(tiny_export)) for p in tiny_export.rglob("*") if p.is_file()])
-    assert (folder / "README.md").read_text().endswith("The first card\n")  # the pinned card
+        ["README.md", "analysis.json"] + [str(p.relative_to(tiny_export)) for p in tiny_export.rglob("*")
+                                          if p.is_file()])
+    assert (folder / "README.md").read_text() == (BUNDLED_MODEL / "README.md").read_text()  # the pinned card
 
     latest = load_in_subprocess("hf-hub:test/model", image, local_hub, tmp_path / "hf")
     assert Path(latest["folder"]).name == local_hub.commits("test/model")[-1]

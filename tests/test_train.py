@@ -390,7 +390,9 @@ ISIC_NINE = {"actinic keratosis": "akiec", "basal cell carcinoma": "bcc", "derma
 def test_isic_class_folders_run_from_fit_to_the_melanoma_flag(ham224, guard_photos, tmp_path):
     """A class-folder tree in the ISIC 9-class naming trains, is analysed (melanoma threshold chosen on
     validation) and exported; the Predictor raises the melanoma flag from the export's own threshold."""
+    import app
     from dermadetect.inference import Predictor
+    from dermadetect.labels import readable_name
 
     rows = read_metadata(ham224 / "train" / "metadata.csv")
     used = set()
@@ -412,7 +414,14 @@ def test_isic_class_folders_run_from_fit_to_the_melanoma_flag(ham224, guard_phot
     threshold = config["dermadetect"]["melanoma_threshold"]
     assert threshold == analysis["melanoma_operating_point"]["threshold"] is not None
     assert analysis["test_final"]["support/melanoma"] == 4 and 0 <= analysis["test_final"]["melanoma_sensitivity"] <= 1
-    image = next((tmp_path / "isic" / "Test" / "melanoma").iterdir())
-    result = Predictor(str(out / "resnet18" / "export")).predict(image)
-    assert set(result.probabilities) == set(ISIC_NINE)
-    assert result.melanoma_flag == (result.probabilities["melanoma"] >= threshold)
+    # the Predictor serves what the evaluation pass scored, and flags the melanomas the analysis counted
+    predictor = Predictor(str(out / "resnet18" / "export"))
+    rows, names, _, probs = read_predictions(out / "resnet18" / "predictions_calibrated_test.csv")
+    scored = {row["image_id"]: p for row, p in zip(rows, probs)}
+    melanomas = sorted((tmp_path / "isic" / "Test" / "melanoma").iterdir())
+    results = [predictor.predict(path) for path in melanomas]
+    for path, result in zip(melanomas, results):
+        np.testing.assert_allclose([result.probabilities[n] for n in names], scored[path.stem], atol=1e-4)
+    assert sum(r.melanoma_flag for r in results) == analysis["melanoma_operating_point"]["test"]["tp"]
+    chart = app.make_handler(predictor)(str(melanomas[0]))[0]
+    assert set(chart) == {readable_name(n) for n in ISIC_NINE}
