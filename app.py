@@ -131,11 +131,16 @@ def model_summary(predictor: Predictor) -> str:
 
 
 def find_examples(predictor: Predictor) -> list[list[str]]:
-    """The example images the model folder ships (listed in examples.json, under examples/)."""
+    """The example images listed in the model folder's examples.json: shipped under examples/ (exports on the
+    Hub), else read from the test images of DERMADETECT_DATA (the bundled model carries no dataset images)."""
     listing = predictor.loaded.folder / "examples.json"
     if not listing.is_file():
         return []
-    paths = [predictor.loaded.folder / entry["file"] for entry in json.loads(listing.read_text())]
+    test_images = Path(os.environ.get("DERMADETECT_DATA", "")).expanduser() / "ham10000-224" / "test"
+    paths = []
+    for entry in json.loads(listing.read_text()):
+        shipped = predictor.loaded.folder / entry["file"]
+        paths.append(shipped if shipped.is_file() else test_images / Path(entry["file"]).name)
     return [[str(path)] for path in paths if path.is_file()]
 
 

@@ -209,7 +209,6 @@ def publish_run(run_dir: Path, bundle: str | None, repo: Path, force: bool = Fal
     model_card(read_backbone_row(run_dir / bundle), run_info).save(run_dir / bundle / "export" / "README.md")
     for name in BUNDLE_FILES:
         shutil.copy2(run_dir / bundle / "export" / name, models / name)
-    shutil.copytree(run_dir / bundle / "export" / "examples", models / "examples")  # attributed in the card
     shutil.copy2(models / "README.md", repo / "model_card.md")
 
 if __name__ == "__main__":

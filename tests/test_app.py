@@ -351,3 +351,11 @@ def test_summary_warns_on_non_dermoscopy_and_names_the_melanoma_threshold():
     assert "highest probability is Melanocytic nevus (nv) (58%)" in app.summary_line(moved, labels)
     plain = summary(False, False)
     assert "screening threshold" not in plain and "dermoscopy image" not in plain and "not a diagnosis" in plain
+
+
+def test_bundled_examples_are_read_from_the_data_folder(ham224, monkeypatch):
+    """The bundled model lists its examples but carries no dataset images: they come from DERMADETECT_DATA."""
+    monkeypatch.setenv("DERMADETECT_DATA", str(ham224.parent))
+    listed = json.loads((app.BUNDLED_MODEL / "examples.json").read_text())
+    found = app.find_examples(Predictor(str(app.BUNDLED_MODEL)))
+    assert found == [[str(ham224 / "test" / Path(e["file"]).name)] for e in listed] and len(found) == 7
