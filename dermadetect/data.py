@@ -316,8 +316,15 @@ def lesion_grouped_split(dx: list[str], lesion_ids: list[str], fraction: float,
     """Indices (rest, held_out): held_out is about `fraction` of the rows, stratified by dx, and no lesion
     has images on both sides."""
     n_splits = max(2, round(1 / fraction))
+    names, counts = np.unique(dx, return_counts=True)
+    rare = [f"{name} ({count})" for name, count in zip(names, counts) if count < n_splits]
+    if rare:
+        warnings.warn(f"too few images of {', '.join(rare)} to put one in each of the {n_splits} folds the "
+                      f"held-out split is cut from: it may hold none of them", stacklevel=2)
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    rest, held_out = next(splitter.split(np.zeros(len(dx)), dx, groups=lesion_ids))
+    with warnings.catch_warnings():  # said above in the project's words
+        warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+        rest, held_out = next(splitter.split(np.zeros(len(dx)), dx, groups=lesion_ids))
     return np.sort(rest), np.sort(held_out)
 
 

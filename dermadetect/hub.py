@@ -272,8 +272,9 @@ Per class, on the test split:
 {robustness_section(metrics.get("robustness"))}
 ## Licence and citation
 The weights are released under CC BY-NC 4.0 (non-commercial, attribution), the terms of the training data.
-`examples/` holds one test image per class ({metrics['test_split']}; listed in `examples.json`): HAM10000 and
-ISIC 2018 images, CC BY-NC 4.0, by the authors cited here. Cite the data:
+`examples.json` lists one test image per class ({metrics['test_split']}), shipped under `examples/` on the Hub
+(the copy bundled in the code repository reads them from the data instead): HAM10000 and ISIC 2018 images,
+CC BY-NC 4.0, by the authors cited here. Cite the data:
 - Tschandl P., Rosendahl C., Kittler H. The HAM10000 dataset, a large collection of multi-source dermatoscopic
   images of common pigmented skin lesions. Sci. Data 5, 180161 (2018). doi:10.1038/sdata.2018.161
 - Codella N. et al. Skin Lesion Analysis Toward Melanoma Detection 2018: A Challenge Hosted by the ISIC.

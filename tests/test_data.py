@@ -218,7 +218,8 @@ def test_bad_rows_give_one_clear_error(bad_folder):
 
 def test_skip_bad_images_drops_and_reports(bad_folder):
     root, rows = bad_folder
-    data = load_lesion_data(DataConfig(data_dir=str(root), skip_bad_images=True, val_fraction=0.25), seed=0)
+    with pytest.warns(UserWarning, match=r"too few images of .*\(3\).* 4 folds"):
+        data = load_lesion_data(DataConfig(data_dir=str(root), skip_bad_images=True, val_fraction=0.25), seed=0)
     assert sorted(b.image_id for b in data.dropped) == sorted(r["image_id"] for r in rows[:4])
     kept = set(data.splits["train"]["image_id"]) | set(data.splits["validation"]["image_id"])
     assert not kept & {rows[0]["image_id"], rows[1]["image_id"], rows[2]["image_id"]}

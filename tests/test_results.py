@@ -134,7 +134,7 @@ def test_publish_copies_a_run(smoke_run, tmp_path):
                                                           "examples.json", "model.safetensors", "ood.safetensors"]
     # no dataset image enters the repository: the demo reads the listed examples from DERMADETECT_DATA
     assert len(json.loads((bundled / "examples.json").read_text())) == 7 and not list(repo.rglob("*.jpg"))
-    assert "CC BY-NC 4.0" in (bundled / "README.md").read_text().split("examples/", 1)[1][:200]
+    assert "CC BY-NC 4.0" in (bundled / "README.md").read_text().split("examples/", 1)[1][:300]
     assert (repo / "model_card.md").read_text() == (smoke_run / "resnet18" / "export" / "README.md").read_text()
     for backbone in ("resnet18", "efficientnet_b0", "convnextv2_nano"):
         assert (repo / "results" / smoke_run.name / backbone / "metrics.json").is_file()

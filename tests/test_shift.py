@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,8 +50,14 @@ def test_colour_cast_scales_each_channel():
     assert out.getpixel((3, 3)) == (224, 100, 41)
 
 
-def test_random_shift_is_seeded_and_off_at_zero():
-    image = Image.open(next((REPO / "models").glob("dermadetect-*/examples/*.jpg"))).convert("RGB")
+def bundled_examples(ham224) -> tuple[list[Path], list[str]]:
+    """The bundled model's example images (listed in examples.json, read from the data folder) and their labels."""
+    entries = json.loads((BUNDLED / "examples.json").read_text())
+    return [ham224 / "test" / Path(e["file"]).name for e in entries], [e["label"] for e in entries]
+
+
+def test_random_shift_is_seeded_and_off_at_zero(ham224):
+    image = Image.open(bundled_examples(ham224)[0][0]).convert("RGB")
     assert RandomShift(0.0)(image) is image
     draws = []
     for _ in range(2):
@@ -58,15 +66,15 @@ def test_random_shift_is_seeded_and_off_at_zero():
     assert np.array_equal(*draws) and not np.array_equal(draws[0], np.asarray(image))
 
 
-def test_benchmark_scores_as_the_predictor_serves(tmp_path):
+def test_benchmark_scores_as_the_predictor_serves(ham224, tmp_path):
     """The benchmark's batched served call (TTA, temperature, class-balanced call, melanoma threshold, guard) equals
     the Predictor's, one image at a time, on the bundled model and its examples."""
     spec = importlib.util.spec_from_file_location("bench_robustness", REPO / "benchmarks" / "bench_robustness.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     predictor = Predictor(str(BUNDLED))
-    paths = sorted((BUNDLED / "examples").glob("*.jpg"))
-    labels = np.arange(len(paths)) % len(predictor.label_names)
+    paths, words = bundled_examples(ham224)
+    labels = np.array([predictor.label_names.index(word) for word in words])
     degrade = DEGRADATIONS["downscale_128"]
     for name in ("clean", "downscale_128"):
         inputs = paths
