@@ -134,6 +134,8 @@ RESULT_FILES = ("metrics.json", "explain_faithfulness.json", "analysis.json", "p
                 ROBUSTNESS_FILE, "robustness_validation.json",
                 # per image (ids, labels, calibrated probabilities, decision): every analysed number can be redone
                 "predictions_calibrated_validation.csv", "predictions_calibrated_test.csv")
+# the plot is drawn once every backbone is analysed; benchmarks/bench_ensemble.py --out writes the other
+OPTIONAL_RUN_FILES = ("comparison.png", "ensemble_validation.json")
 BUNDLE_FILES = ("config.json", "model.safetensors", "README.md", "examples.json", "analysis.json", OOD_FILE)
 
 
@@ -188,8 +190,8 @@ def publish_run(run_dir: Path, bundle: str | None, repo: Path, force: bool = Fal
         check_bundle_is_no_worse(run_dir, bundle, repo, force)
     results = repo / "results" / run_dir.name
     results.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "comparison.json", "comparison.md", "splits.csv", "comparison.png"):
-        if name != "comparison.png" or (run_dir / name).is_file():
+    for name in ("config.json", "comparison.json", "comparison.md", "splits.csv", *OPTIONAL_RUN_FILES):
+        if name not in OPTIONAL_RUN_FILES or (run_dir / name).is_file():
             shutil.copy2(run_dir / name, results / name)
     comparison = json.loads((run_dir / "comparison.json").read_text())
     for row in comparison["rows"]:

@@ -102,6 +102,15 @@ def operating_point(scores: np.ndarray, positives: np.ndarray, threshold: float)
 BOOTSTRAP_METRICS = ("balanced_accuracy", "accuracy", "f1_macro", "roc_auc_macro")
 
 
+def lesion_resamples(groups, resamples: int, seed: int = 0):
+    """Row indices of `resamples` bootstrap resamples that draw whole lesions (`groups`) with replacement."""
+    unique, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
+    rng = np.random.default_rng(seed)
+    for _ in range(resamples):
+        yield np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))])
+
+
 def bootstrap_intervals(labels, probs, groups, label_names, melanoma_index: int | None, mel_threshold: float | None,
                         resamples: int = 1000, seed: int = 0, predictions=None) -> dict:
     """Percentile 95% intervals of the test metrics, resampling whole lesions (images of one lesion are not
@@ -125,12 +134,8 @@ def bootstrap_intervals(labels, probs, groups, label_names, melanoma_index: int 
         return {k: v for k, v in out.items() if v is not None and not math.isnan(v)}
 
     point = metrics(np.arange(len(labels)))
-    unique, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(unique))]
-    rng = np.random.default_rng(seed)
     samples = {key: [] for key in point}
-    for _ in range(resamples):
-        idx = np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))])
+    for idx in lesion_resamples(groups, resamples, seed):
         for key, value in metrics(idx).items():
             if key in samples:
                 samples[key].append(value)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -247,3 +249,24 @@ def test_robustness_benchmark_agrees_with_the_analysis_on_clean_test_images():
     assert clean["ood_flagged"] == pytest.approx(analysis["ood"]["test_flagged"], abs=3e-3)
     assert {r["condition"] for r in robustness["rows"]} >= {"clean", "downscale_128", "downscale_160", "jpeg_30",
                                                             "aspect_4_3", "colour_cast", "blur", "rotate_37"}
+
+
+def test_ensemble_benchmark_of_a_model_with_itself_is_that_model(smoke_run, tmp_path):
+    """The mean of a model with itself is the model: the same balanced accuracy in every condition and a zero
+    bootstrap interval. Models validated on other images are refused."""
+    bench = [sys.executable, str(REPO / "benchmarks" / "bench_ensemble.py")]
+    model, out = smoke_run / "resnet18", tmp_path / "same.json"
+    subprocess.run([*bench, str(model), str(model), "--resamples", "50", "--out", str(out)], check=True,
+                   capture_output=True)
+    lines = json.loads(out.read_text())
+    assert [(line["split"], line["views"]) for line in lines] == [("validation", 8), ("validation", 1),
+                                                                  ("validation_shifted", 1)]
+    for line in lines:
+        assert line["balanced_accuracy"]["mean"] == line["balanced_accuracy"][str(model)]
+        assert line["mean_minus_best_95"] == [0.0, 0.0]
+    other = tmp_path / "other"
+    shutil.copytree(model, other, ignore=shutil.ignore_patterns("best", "state", "export"))
+    table = (other / "predictions_validation.csv").read_text().splitlines()
+    (other / "predictions_validation.csv").write_text("\n".join([table[0], *reversed(table[1:])]) + "\n")
+    refused = subprocess.run([*bench, str(model), str(other)], capture_output=True, text=True)
+    assert refused.returncode != 0 and "other images" in refused.stderr
