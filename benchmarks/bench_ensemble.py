@@ -65,7 +65,7 @@ def main() -> None:
         raise SystemExit("give two or more model folders")
     loaded = [load(folder) for folder in args.models]
     outputs, images, lesions = loaded[0]
-    for folder, (other, other_images, _) in zip(args.models[1:], loaded[1:]):
+    for folder, (_, other_images, _) in zip(args.models[1:], loaded[1:]):
         if other_images != images:
             raise SystemExit(f"{folder} was validated on other images than {args.models[0]}: compare models "
                              "trained on one lesion split (train.py --split-seed)")
