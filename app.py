@@ -139,8 +139,9 @@ def find_examples(predictor: Predictor) -> list[list[str]]:
     test_images = Path(os.environ.get("DERMADETECT_DATA", "")).expanduser() / "ham10000-224" / "test"
     paths = []
     for entry in json.loads(listing.read_text()):
-        shipped = predictor.loaded.folder / entry["file"]
-        paths.append(shipped if shipped.is_file() else test_images / Path(entry["file"]).name)
+        name = Path(str(entry["file"])).name  # a bare name: a listing must not point outside examples/
+        shipped = predictor.loaded.folder / "examples" / name
+        paths.append(shipped if shipped.is_file() else test_images / name)
     return [[str(path)] for path in paths if path.is_file()]
 
 

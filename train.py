@@ -105,9 +105,15 @@ def parse_config(argv=None) -> tuple[argparse.Namespace, RunConfig]:
     if known.resume:
         if not known.output_dir:
             raise SystemExit("--resume needs --output-dir: the run folder to continue")
-        base, _ = read_run(Path(known.output_dir))
+        try:
+            base, _ = read_run(Path(known.output_dir))
+        except RunFolderError as exc:
+            raise SystemExit(f"error: {exc}") from None
     elif known.config:
-        base = RunConfig.from_dict({**base.to_dict(), **(yaml.safe_load(Path(known.config).read_text()) or {})})
+        try:
+            base = RunConfig.from_dict({**base.to_dict(), **(yaml.safe_load(Path(known.config).read_text()) or {})})
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise SystemExit(f"error: --config {known.config}: {exc}") from None
     if bool(known.data_dir) != bool(known.dataset) and not known.resume:
         # the source named on the command line replaces the config file's (gpu.yaml names a local folder)
         base = replace_nested(base, data={"data_dir": None, "dataset": None})
@@ -237,7 +243,7 @@ def main(argv=None) -> int:
     if args.resume:
         try:
             data = load_run_data(run_dir, cfg)
-        except RunFolderError as exc:
+        except (RunFolderError, BadDataError) as exc:
             raise SystemExit(f"error: {exc}") from None
         if accelerator.is_main_process:  # the command that started the run stays; resumptions are listed after
             run_info = json.loads((run_dir / RUN_CONFIG).read_text())
@@ -260,14 +266,13 @@ def main(argv=None) -> int:
         if last >= 1 and not (args.resume and (run_dir / name / METRICS_FILE).is_file()):
             evaluate_backbone(name, cfg, data, accelerator, run_dir)
         accelerator.wait_for_everyone()
-    status = 0
-    if accelerator.is_main_process and last >= 2:
-        # analysis and export need no device: the other processes wait at the barrier below
-        status = finish_run(cfg, data, run_dir, export=last >= 3, push_prefix=args.push_to_hub,
-                            keep_finished=args.resume)
-    accelerator.wait_for_everyone()
+    # the last collective: analysis, export and push need no device and take minutes, past the 10-minute
+    # timeout of an NCCL group whose other processes would wait for them at a barrier
+    main_process = accelerator.is_main_process
     accelerator.end_training()
-    return status
+    if not main_process or last < 2:
+        return 0
+    return finish_run(cfg, data, run_dir, export=last >= 3, push_prefix=args.push_to_hub, keep_finished=args.resume)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python -m dermadetect evaluate RUN      one pass of every split through each best checkpoint (any device,
                                             any process count: accelerate launch -m dermadetect evaluate RUN)
     python -m dermadetect analyze RUN       post-hoc settings and statistics from that pass (validation only)
-    python -m dermadetect export RUN [--push-to-hub ORG/PREFIX]   the served model folders, and their upload
+    python -m dermadetect export RUN [--push-to-hub ORG/PREFIX [--force]]   the served model folders, their upload
     python -m dermadetect publish RUN [--bundle BACKBONE] [--force]   results/, its generated table, bundled model
     python -m dermadetect predict IMAGE... --model SRC   one JSON line per image
     python -m dermadetect sweep-table results/NAME       the generated table (README.md or docs/) of a committed settings sweep
@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
 
-from .data import write_compact_copy
+from .data import BadDataError, write_compact_copy
 from .engine import make_accelerator
 from .explain import CAM_METHODS
 from .hub import ModelSourceError, model_card
@@ -43,6 +44,9 @@ def main(argv=None) -> int:
             stage_parser.add_argument("--push-to-hub", metavar="ORG/PREFIX",
                                       help="then push each export to ORG/PREFIX-<backbone> (token: HF_TOKEN)")
             stage_parser.add_argument("--private", action="store_true", help="create the Hub repos as private")
+            stage_parser.add_argument("--force", action="store_true",
+                                      help="push even over a published model that serves a higher test balanced "
+                                           "accuracy")
     predict = commands.add_parser("predict", help="classify images and write Grad-CAM overlays")
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--model", required=True, help="model folder or hf-hub:ORG/NAME[@REVISION]")
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
         return 0
     if args.command in ("evaluate", "analyze", "export"):
         return run_stage(args.command, Path(args.run_dir), getattr(args, "push_to_hub", None),
-                         getattr(args, "private", False))
+                         getattr(args, "private", False), getattr(args, "force", False))
 
     try:
         predictor = Predictor(args.model)
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    failures = 0
+    failures, overlays = 0, set()
     for path in args.images:
         try:
             result = predictor.predict(path, explain=args.explain, method=args.cam_method)
@@ -102,27 +106,34 @@ def main(argv=None) -> int:
                   "melanoma_flag": result.melanoma_flag, "ood_score": result.ood_score,
                   "out_of_distribution": result.out_of_distribution}
         if out:
-            overlay = out / f"{Path(path).stem}_cam.png"
+            # a/x.jpg and b/x.jpg must not share one overlay file
+            stem = next(name for n in range(len(overlays) + 1)
+                        if (name := Path(path).stem + (f"_{n}" if n else "")) not in overlays)
+            overlays.add(stem)
+            overlay = out / f"{stem}_cam.png"
             result.overlay.save(overlay)
             record["overlay"] = str(overlay)
         print(json.dumps(record), flush=True)
     return 1 if failures else 0
 
 
-def run_stage(stage: str, run_dir: Path, push_prefix: str | None = None, private: bool = False) -> int:
+def run_stage(stage: str, run_dir: Path, push_prefix: str | None = None, private: bool = False,
+              force: bool = False) -> int:
     """One stage over every backbone of a run. Evaluate runs in every process (under accelerate launch);
-    analyze and export run in the main process."""
+    analyze and export run in the main process alone (the others return at once)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg, _ = read_run(run_dir)
         data = load_run_data(run_dir, cfg)
         if stage != "evaluate":
+            if int(os.environ.get("RANK", "0")):  # under accelerate launch or torchrun: one process does it
+                return 0
             return finish_run(cfg, data, run_dir, analyze=stage == "analyze", export=stage == "export",
-                              push_prefix=push_prefix, private=private)
+                              push_prefix=push_prefix, private=private, force=force)
         accelerator = make_accelerator(cfg.train)
         for name in cfg.backbones:
             evaluate_backbone(name, cfg, data, accelerator, run_dir)
-    except RunFolderError as exc:
+    except (RunFolderError, BadDataError) as exc:
         raise SystemExit(f"error: {exc}") from None
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -187,9 +198,15 @@ def publish_run(run_dir: Path, bundle: str | None, repo: Path, force: bool = Fal
     (the one bundled model) and its card into model_card.md. Everything copied was written by train.py."""
     block_file(repo, run_dir.name)  # fail before anything is copied
     if bundle is not None:
+        export = run_dir / bundle / "export"
+        missing = [name for name in BUNDLE_FILES if not (export / name).is_file()]
+        if missing:
+            raise SystemExit(f"{export} lacks {', '.join(missing)}: run `python -m dermadetect export {run_dir}` "
+                             "first. Nothing was changed")
         check_bundle_is_no_worse(run_dir, bundle, repo, force)
     results = repo / "results" / run_dir.name
-    results.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(results, ignore_errors=True)  # a copy of the run as it is now: no file of an earlier run stays
+    results.mkdir(parents=True)
     for name in ("config.json", "comparison.json", "comparison.md", "splits.csv", *OPTIONAL_RUN_FILES):
         if name not in OPTIONAL_RUN_FILES or (run_dir / name).is_file():
             shutil.copy2(run_dir / name, results / name)
@@ -202,16 +219,19 @@ def publish_run(run_dir: Path, bundle: str | None, repo: Path, force: bool = Fal
     write_readme_block(repo, run_dir.name, results_markdown(comparison, f"results/{run_dir.name}/comparison.json"))
     if bundle is None:
         return
-    for previous in (repo / "models").glob("dermadetect-*"):
-        shutil.rmtree(previous)
-    models = repo / "models" / f"dermadetect-{bundle}"
-    models.mkdir(parents=True)
+    # the new bundle is assembled beside the old one, which goes only once the new one is complete
+    staging = repo / "models" / f".dermadetect-{bundle}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     # the card again, now with what was measured on the export since (the robustness benchmark)
     run_info = json.loads((run_dir / "config.json").read_text())
-    model_card(read_backbone_row(run_dir / bundle), run_info).save(run_dir / bundle / "export" / "README.md")
+    model_card(read_backbone_row(run_dir / bundle), run_info).save(export / "README.md")
     for name in BUNDLE_FILES:
-        shutil.copy2(run_dir / bundle / "export" / name, models / name)
-    shutil.copy2(models / "README.md", repo / "model_card.md")
+        shutil.copy2(export / name, staging / name)
+    for previous in (repo / "models").glob("dermadetect-*"):
+        shutil.rmtree(previous)
+    bundled = staging.rename(repo / "models" / f"dermadetect-{bundle}")
+    shutil.copy2(bundled / "README.md", repo / "model_card.md")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -93,12 +93,12 @@ def load_source(cfg: DataConfig) -> tuple[dict[str, datasets.Dataset], str, bool
     and later cut into train and validation by lesion.
     """
     if bool(cfg.data_dir) == bool(cfg.dataset):
-        raise ValueError("give exactly one data source: --data-dir DIR or --dataset HUB_ID")
+        raise BadDataError("give exactly one data source: --data-dir DIR or --dataset HUB_ID")
     if cfg.dataset:  # relabelled before its duplicates are dropped
         return _load_hub_dataset(cfg.dataset), f"hub:{cfg.dataset}", True
     root = Path(cfg.data_dir).expanduser().resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"data directory {root} does not exist")
+        raise BadDataError(f"data directory {root} does not exist")
     split_dirs = _split_dirs(root)
     if (root / "metadata.csv").is_file() or any((d / "metadata.csv").is_file() for d in split_dirs.values()):
         tables, source, has_lesion_ids = _load_imagefolder_with_metadata(root, split_dirs), f"imagefolder:{root}", True
@@ -115,7 +115,7 @@ def _load_hub_dataset(name: str) -> dict[str, datasets.Dataset]:
     try:
         loaded = datasets.load_dataset(name)
     except Exception as exc:  # network, auth, missing repo: say what to do instead
-        raise RuntimeError(
+        raise BadDataError(
             f"could not load dataset {name!r} through `datasets` ({type(exc).__name__}: {exc}). "
             "Check the network or HF_TOKEN, or use a local copy with --data-dir DIR") from exc
     missing = [c for c in REQUIRED_COLUMNS if c not in loaded[next(iter(loaded))].column_names]
@@ -256,13 +256,16 @@ def to_ham10000_codes(tables: dict[str, datasets.Dataset], has_lesion_ids: bool)
 
 def validate(tables: dict[str, datasets.Dataset], allowed_labels: set[str] | None,
              skip_bad_images: bool) -> tuple[dict[str, datasets.Dataset], list[BadRow]]:
-    """Find every row that cannot be used: missing or unreadable image, unknown label, duplicate image_id.
+    """Find every row that cannot be used: missing or unreadable image, unknown label, duplicate or empty
+    image_id, empty lesion_id.
 
     Raise one BadDataError listing them, or with skip_bad_images drop them and return what was dropped."""
     bad: list[BadRow] = []
     seen: dict[str, str] = {}
     for split, table in tables.items():
-        for row, (image_id, dx) in enumerate(zip(table["image_id"], table["dx"])):
+        for row, (image_id, lesion_id, dx) in enumerate(zip(table["image_id"], table["lesion_id"], table["dx"])):
+            if not lesion_id:  # blank ids would pool into one "lesion" and skew the lesion split
+                bad.append(BadRow(split, row, image_id, "empty lesion_id"))
             if not image_id:
                 bad.append(BadRow(split, row, image_id, "empty image_id"))
             elif image_id in seen:
@@ -398,9 +401,11 @@ def _subsample(table: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:
 # ---------------------------------------------------------------- transforms and loaders
 
 def lesion_of(file_name: str) -> str:
-    """Photos whose names differ only in a trailing number are one lesion (PAD-UFES-20's PAT_<patient>_<lesion>_
-    <image>): a cross-validation keeps them on one side."""
-    return re.sub(r"_\d+$", "", Path(file_name).stem)
+    """PAD-UFES-20's photos PAT_<patient>_<lesion>_<image> of one lesion share a lesion, so a cross-validation
+    keeps them on one side; any other file (a camera's IMG_0001, DSC_0042) is a lesion of its own."""
+    stem = Path(file_name).stem
+    pad_ufes = re.fullmatch(r"(.*PAT_\d+_\d+)_\d+", stem)
+    return pad_ufes.group(1) if pad_ufes else stem
 
 
 GUARD_MIN_LESIONS = 5    # the guard's photos are cross-validated in this many lesion-grouped folds

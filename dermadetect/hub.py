@@ -13,11 +13,13 @@ from pathlib import Path
 
 import timm
 import torch
+import yaml
 import httpx2  # huggingface_hub's HTTP client: its transport errors mean "no answer"
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token, snapshot_download
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token, hf_hub_download, snapshot_download
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
-                                   RepositoryNotFoundError, RevisionNotFoundError)
+                                   RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+from safetensors import SafetensorError
 from timm.data import resolve_model_data_config
 from timm.models import get_pretrained_cfg, save_for_hf
 
@@ -99,11 +101,14 @@ def resolve_folder(source: str) -> tuple[Path, str]:
     return folder, str(source if source.startswith(HUB_PREFIX) else folder)
 
 
+BUSY_STATUSES = (408, 429)  # a timeout or rate limit: the Hub is out of reach for now, as with a 5xx
+
+
 def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
     """The model folder of a Hub repo (only MODEL_FILES: a repo may hold more) through huggingface_hub's cache.
-    One request with a short timeout asks the Hub first; when it gets no answer or the Hub is down (5xx), the
-    cache is used, as with HF_HUB_OFFLINE=1, and nothing is retried. snapshot_download gets the revision as asked
-    (not the commit), so that the cache remembers where `main` pointed for the next time the Hub is out of reach."""
+    One request with a short timeout asks the Hub first; when it gets no answer, or the Hub is down (5xx) or
+    busy (408, 429), the cache is used, as with HF_HUB_OFFLINE=1, and nothing is retried. snapshot_download gets
+    the revision as asked (not the commit), so that the cache remembers where `main` pointed for the next time the Hub is out of reach."""
     where = f"{repo_id}@{revision or 'main'}"
     if hub_constants.HF_HUB_OFFLINE:
         return _cached_snapshot(repo_id, revision, where)
@@ -113,7 +118,8 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
         except (RepositoryNotFoundError, RevisionNotFoundError):
             raise
         except (httpx2.TransportError, HfHubHTTPError) as exc:
-            if isinstance(exc, HfHubHTTPError) and exc.response.status_code < 500:
+            if isinstance(exc, HfHubHTTPError) and exc.response.status_code < 500 \
+                    and exc.response.status_code not in BUSY_STATUSES:
                 raise  # the Hub answered: a refused token, a disabled repo... not a reason to go offline
             logger.info("the Hub did not answer for %s (%s): looking in the local cache", where, exc)
             return _cached_snapshot(repo_id, revision, where)
@@ -149,9 +155,14 @@ def _cached_snapshot(repo_id: str, revision: str | None, where: str) -> tuple[Pa
 def load_model(source: str) -> LoadedModel:
     """Build the model described by a model folder or Hub repo, with its labels and eval data config."""
     folder, described = resolve_folder(source)
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    if not config.get("label_names"):
-        raise ModelSourceError(f"{described}: {CONFIG_FILE} has no label_names")
+    again = "copy the whole exported folder again"
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelSourceError(f"{described}: {CONFIG_FILE} cannot be read ({exc}); {again}") from exc
+    for key in ("label_names", "architecture"):
+        if not config.get(key):
+            raise ModelSourceError(f"{described}: {CONFIG_FILE} has no {key}; {again}")
     try:
         settings = PostHocSettings.from_json(config.get("dermadetect"), f"{described}: {CONFIG_FILE}")
     except SettingsError as exc:
@@ -166,7 +177,13 @@ def load_model(source: str) -> LoadedModel:
             ood = DermoscopyGuard.load(ood_path, settings.ood_threshold)
         except SettingsError as exc:
             raise ModelSourceError(f"{described}: {exc}") from exc
-    model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+        except (OSError, SafetensorError) as exc:
+            raise ModelSourceError(f"{described}: {OOD_FILE} cannot be read ({exc}); {again}") from exc
+    try:
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    except (OSError, RuntimeError, SafetensorError) as exc:  # RuntimeError: an unknown architecture, wrong shapes
+        raise ModelSourceError(f"{described}: this timm {timm.__version__} cannot build {config['architecture']} "
+                               f"from its files ({type(exc).__name__}: {exc}); {again}, or upgrade timm") from exc
     model.eval()
     return LoadedModel(model=model, architecture=config["architecture"],
                        label_names=tuple(config["label_names"]), data_config=resolve_model_data_config(model),
@@ -215,6 +232,8 @@ def model_card(metrics: dict, run_info: dict, repo_id: str | None = None) -> Mod
     summary = "\n".join(f"| {name} | {_num(metrics['validation'].get(key))} | {_num(test.get(key))} |"
                         for key, name in CARD_METRICS)
     command = " ".join(run_info.get("command", []))
+    # the command may name a config file that stays on the training machine: the card carries what it resolved to
+    settings = yaml.safe_dump(config, sort_keys=False)
     body = f"""
 # DermaDetect {backbone}
 
@@ -248,7 +267,13 @@ that shows how such a classifier behaves, including where it fails.
   lr {config['train']['lr']}, weight decay {config['train']['weight_decay']}, {config['train']['scheduler']} schedule,
   label smoothing {config['train']['label_smoothing']}, class weighting {config['train']['class_weighting']},
   input {metrics['data_config']['input_size'][1]} px.
-- Command: `{command}`
+- Command: `{command}`. Every setting it resolved to, as a `--config` file for `train.py`:
+
+<details><summary>run settings (YAML)</summary>
+
+```yaml
+{settings}```
+</details>
 
 ## Results
 | metric | validation | test |
@@ -399,17 +424,35 @@ def _num(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def push_to_hub(folder: str | Path, repo_id: str, private: bool = False) -> str:
-    """Create the repo if needed and upload the folder; returns the commit URL. Token: HF_TOKEN or the login
-    cache."""
+def published_balanced_accuracy(repo_id: str) -> float | None:
+    """The served test balanced accuracy of the model on repo_id's main (its analysis.json); None if none is."""
+    try:
+        path = hf_hub_download(repo_id, "analysis.json")
+    except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError):  # the Hub said: none
+        return None
+    return json.loads(Path(path).read_text())["test_final"]["balanced_accuracy"]
+
+
+def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, force: bool = False) -> str:
+    """Create the repo if needed and make its main the folder (files it lacks are deleted); returns the commit
+    URL. A published model that serves a higher test balanced accuracy is kept unless `force`. Token: HF_TOKEN
+    or the login cache."""
     if get_token() is None:
         raise HubPushError(f"no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push {folder} "
                            f"to {repo_id} again (the local export is complete)")
     api = HfApi()
     try:
+        new = json.loads((Path(folder) / "analysis.json").read_text())["test_final"]["balanced_accuracy"]
+        old = published_balanced_accuracy(repo_id)
+        if old is not None and new < old and not force:
+            raise HubPushError(f"{repo_id} serves test balanced accuracy {old:.3f}, above this export's {new:.3f}: "
+                               "not pushed (the local export is complete). Push it with `python -m dermadetect "
+                               "export RUN --push-to-hub PREFIX --force` to replace the published model anyway")
         api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder),
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), delete_patterns="*",
                                    commit_message=f"Upload DermaDetect model from {Path(folder).parent.name}")
+    except HubPushError:
+        raise
     except Exception as exc:  # network, permissions: the local folder is intact either way
         raise HubPushError(f"could not push {folder} to {repo_id} ({type(exc).__name__}: {exc}); "
                            "the local export is complete, push it again later") from exc

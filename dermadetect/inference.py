@@ -107,6 +107,9 @@ def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS, working_side: int =
     image = to_rgb(image)
     if max(image.size) > working_side:
         image.thumbnail((working_side, working_side), Image.LANCZOS, reducing_gap=2.0)
+    if min(image.size) < MIN_SIDE:  # a strip: fitting its long side into working_side leaves a sliver
+        raise ImageTooSmallError(f"the image is {width}x{height}, too narrow for its length: at the {working_side}-"
+                                 f"pixel working size its short side is under {MIN_SIDE} pixels; crop it to the lesion")
     return image
 
 

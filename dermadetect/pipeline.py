@@ -105,8 +105,13 @@ def read_run(run_dir: Path) -> tuple[RunConfig, dict]:
     path = Path(run_dir) / RUN_CONFIG
     if not path.is_file():
         raise RunFolderError(f"{run_dir} holds no run ({RUN_CONFIG} is missing); start one with train.py")
-    info = json.loads(path.read_text())
-    return replace_nested(RunConfig.from_dict(info["config"]), output_dir=str(run_dir)), info
+    try:
+        info = json.loads(path.read_text())
+        cfg = RunConfig.from_dict(info["config"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RunFolderError(f"{path} cannot be read as a run of this version of train.py ({exc}); it was "
+                             "written by another version, or damaged: start a new run") from exc
+    return replace_nested(cfg, output_dir=str(run_dir)), info
 
 
 def load_run_data(run_dir: Path, cfg: RunConfig) -> LesionData:
@@ -319,7 +324,8 @@ def write_examples(export: Path, examples: list[tuple]) -> None:
 
 
 def finish_run(cfg: RunConfig, data: LesionData, run_dir: Path, analyze: bool = True, export: bool = True,
-               push_prefix: str | None = None, private: bool = False, keep_finished: bool = False) -> int:
+               push_prefix: str | None = None, private: bool = False, keep_finished: bool = False,
+               force: bool = False) -> int:
     """Analyse and/or export every backbone of an evaluated run (keep_finished: skip those already done), push
     the exports if asked, and write the comparison. Main process only. Returns 1 if a push failed."""
     run_dir = Path(run_dir)
@@ -329,17 +335,17 @@ def finish_run(cfg: RunConfig, data: LesionData, run_dir: Path, analyze: bool = 
             analyze_backbone(name, cfg, data, run_dir)
         if export and not (keep_finished and (run_dir / name / EXPORT_DIR / "README.md").is_file()):
             export_backbone(name, cfg, data, run_info, run_dir)
-    status = push_run(run_dir, cfg.backbones, push_prefix, private) if push_prefix else 0
+    status = push_run(run_dir, cfg.backbones, push_prefix, private, force) if push_prefix else 0
     comparison = write_comparison([read_backbone_row(run_dir / name) for name in cfg.backbones], run_dir)
     print((run_dir / "comparison.md").read_text())
     print(f"best on validation: {comparison['best_backbone']}")
     return status
 
 
-def push_run(run_dir: Path, backbones, prefix: str, private: bool = False) -> int:
+def push_run(run_dir: Path, backbones, prefix: str, private: bool = False, force: bool = False) -> int:
     """Push every backbone's export to PREFIX-<backbone>, its card naming the repo, and record repo and commit
-    in <backbone>/hub.json (the comparison names them). Returns 1 if any push failed, after trying all (each
-    local export stays complete)."""
+    in <backbone>/hub.json (the comparison names them). Returns 1 if any push failed or was refused (a published
+    model that serves better is kept unless `force`), after trying all (each local export stays complete)."""
     run_info = json.loads((Path(run_dir) / RUN_CONFIG).read_text())
     failed = 0
     for name in backbones:
@@ -347,7 +353,7 @@ def push_run(run_dir: Path, backbones, prefix: str, private: bool = False) -> in
         repo_id = f"{prefix}-{name}"
         model_card(read_backbone_row(Path(run_dir) / name), run_info, repo_id).save(export / "README.md")
         try:
-            commit_url = push_to_hub(export, repo_id, private)
+            commit_url = push_to_hub(export, repo_id, private, force)
             (Path(run_dir) / name / HUB_FILE).write_text(json.dumps({"repo_id": repo_id, "commit_url": commit_url}))
             print(f"pushed {export} -> {commit_url}")
         except HubPushError as exc:

@@ -16,6 +16,7 @@ import time
 from base64 import b64decode
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
@@ -97,7 +98,7 @@ class LocalHub:
     def __init__(self, token: str = "hf_local_test_token"):
         self.token = token
         self.requests: list[tuple[str, str, int]] = []
-        self.outage: int | None = None  # set to e.g. 503 to play a Hub outage (storage keeps serving)
+        self.outage: int | None = None  # e.g. 503 (down) or 429 (rate limit) for every request; storage serves
         self._repos: dict[tuple[str, str], Repo] = {}
         self._lock = threading.RLock()
         self._secret = secrets.token_bytes(16)
@@ -187,7 +188,7 @@ class HubHandler(BaseHTTPRequestHandler):
         if self.storage:
             return self.serve_storage(parts)
         if self.hub.outage:  # the Hub is down: every request gets the status it answers with then
-            return self.error(self.hub.outage, None, "Service Unavailable")
+            return self.error(self.hub.outage, None, HTTPStatus(self.hub.outage).phrase)
         auth = self.headers.get("Authorization")
         if auth is not None and auth != f"Bearer {self.hub.token}":
             return self.error(401, None, "Invalid credentials in Authorization header")

@@ -9,6 +9,7 @@ import shutil
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -359,3 +360,18 @@ def test_bundled_examples_are_read_from_the_data_folder(ham224, monkeypatch):
     listed = json.loads((app.BUNDLED_MODEL / "examples.json").read_text())
     found = app.find_examples(Predictor(str(app.BUNDLED_MODEL)))
     assert found == [[str(ham224 / "test" / Path(e["file"]).name)] for e in listed] and len(found) == 7
+
+
+def test_example_listing_cannot_reach_outside_the_model_folder(tmp_path, monkeypatch):
+    """examples.json arrives with a downloaded model: an entry naming another file of the server is not served
+    (Gradio would copy it into its cache and hand out a public URL)."""
+    monkeypatch.setenv("DERMADETECT_DATA", str(tmp_path / "data"))
+    folder = tmp_path / "model"
+    (folder / "examples").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(folder / "examples" / "lesion.jpg")
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"a token")
+    entries = ["examples/lesion.jpg", str(secret), "../secret.jpg", "examples/../../secret.jpg"]
+    (folder / "examples.json").write_text(json.dumps([{"file": e} for e in entries]))
+    found = app.find_examples(SimpleNamespace(loaded=SimpleNamespace(folder=folder)))
+    assert found == [[str(folder / "examples" / "lesion.jpg")]]

@@ -189,7 +189,8 @@ def test_class_folders_warn_and_split_by_image(ham224, tmp_path, names, label_na
 
 @pytest.fixture()
 def bad_folder(ham224, tmp_path):
-    """A small imagefolder with one of each problem: truncated JPEG, missing file, unknown label, duplicate id."""
+    """A small imagefolder with one of each problem: truncated JPEG, missing file, unknown label, duplicate id,
+    blank lesion id."""
     root = make_imagefolder(ham224, tmp_path / "bad", per_class_train=6, per_class_test=2)
     rows = read_metadata(root / "train" / "metadata.csv")
     truncated = root / "train" / rows[0]["file_name"]
@@ -199,6 +200,7 @@ def bad_folder(ham224, tmp_path):
     (root / "train" / rows[1]["file_name"]).unlink()
     rows[2]["dx"] = "melanomaa"
     rows.append({**rows[3]})  # the same image_id twice
+    rows[-2]["lesion_id"] = ""  # blank lesion ids would pool into one lesion
     write_metadata(root / "train" / "metadata.csv", rows)
     return root, rows
 
@@ -208,7 +210,8 @@ def test_bad_rows_give_one_clear_error(bad_folder):
     with pytest.raises(BadDataError) as err:
         load_lesion_data(DataConfig(data_dir=str(root)), seed=0)
     message = str(err.value)
-    assert message.startswith("4 bad row(s)")
+    assert message.startswith("5 bad row(s)")
+    assert f"image_id={rows[-2]['image_id']}: empty lesion_id" in message
     assert rows[0]["image_id"] in message and "unreadable image" in message
     assert rows[1]["image_id"] in message and "missing file" in message
     assert "unknown label 'melanomaa'" in message
@@ -220,11 +223,11 @@ def test_skip_bad_images_drops_and_reports(bad_folder):
     root, rows = bad_folder
     with pytest.warns(UserWarning, match=r"too few images of .*\(3\).* 4 folds"):
         data = load_lesion_data(DataConfig(data_dir=str(root), skip_bad_images=True, val_fraction=0.25), seed=0)
-    assert sorted(b.image_id for b in data.dropped) == sorted(r["image_id"] for r in rows[:4])
+    assert sorted(b.image_id for b in data.dropped) == sorted(r["image_id"] for r in [*rows[:4], rows[-2]])
     kept = set(data.splits["train"]["image_id"]) | set(data.splits["validation"]["image_id"])
     assert not kept & {rows[0]["image_id"], rows[1]["image_id"], rows[2]["image_id"]}
     assert rows[3]["image_id"] in kept  # its first occurrence stays
-    assert len(data.splits["train"]) + len(data.splits["validation"]) == len(rows) - 4
+    assert len(data.splits["train"]) + len(data.splits["validation"]) == len(rows) - 5
 
 
 def test_error_listing_is_capped_at_twenty(ham224, tmp_path):
@@ -240,9 +243,9 @@ def test_error_listing_is_capped_at_twenty(ham224, tmp_path):
 
 
 def test_missing_source_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="exactly one data source"):
+    with pytest.raises(BadDataError, match="exactly one data source"):
         load_lesion_data(DataConfig(), seed=0)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(BadDataError, match="nope does not exist"):
         load_lesion_data(DataConfig(data_dir=str(tmp_path / "nope")), seed=0)
     shutil.rmtree(tmp_path)
 
@@ -307,3 +310,4 @@ def test_guard_photos_folder_is_checked_before_training(small_data, tmp_path):
     Image.new("RGB", (64, 64)).save(folder / "PAT_13_14_15.png")
     assert len(guard_photo_files(folder)) == 6
     assert lesion_of("padufes20__ACK__PAT_1020_111_593.jpg") == "padufes20__ACK__PAT_1020_111"
+    assert lesion_of("IMG_0001.jpg") != lesion_of("IMG_0002.jpg")  # a camera's numbering: photos of any lesions

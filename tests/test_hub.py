@@ -14,7 +14,7 @@ import yaml
 from app import BUNDLED_MODEL
 from conftest import REPO
 from local_hub import LocalHub, client_env
-from dermadetect.config import DEFAULT_BACKBONES
+from dermadetect.config import DEFAULT_BACKBONES, RunConfig
 from dermadetect.hub import CARD_METRICS
 from dermadetect.report import read_backbone_row, write_comparison
 
@@ -40,6 +40,10 @@ def test_card_front_matter_and_numbers_come_from_metrics(smoke_run):
         examples = json.loads((smoke_run / backbone / "export" / "examples.json").read_text())
         assert sorted(e["label"] for e in examples) == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
         assert all((smoke_run / backbone / "export" / e["file"]).is_file() for e in examples)
+        # the card carries the run's settings, usable as train.py --config (the command's own file stays behind)
+        settings = yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0])
+        assert settings == json.loads((smoke_run / "config.json").read_text())["config"]
+        assert json.loads(json.dumps(RunConfig.from_dict(settings).to_dict())) == settings
 
 
 @pytest.fixture()
@@ -129,15 +133,17 @@ def test_missing_repo_wrong_revision_and_pickle_only_repo_are_refused(local_hub,
 
 
 def test_hub_outage_serves_the_cache_and_a_refused_token_is_an_error(local_hub, tiny_export, tmp_path):
-    """A Hub that answers 503 is out of reach: the cached model is served, an uncached one is HubUnreachable. A
-    token the Hub refuses (401) is the user's to fix: an error that says so, never a silent offline fallback."""
+    """A Hub that answers 503 (down) or 429 (rate limit) is out of reach: the cached model is served, an uncached
+    one is HubUnreachable. A token the Hub refuses (401) is the user's to fix: an error that says so, never a
+    silent offline fallback."""
     image = example_image(tiny_export)
     cached = load_in_subprocess("hf-hub:test/model", image, local_hub, tmp_path / "hf")
-    local_hub.outage = 503
-    down = load_in_subprocess("hf-hub:test/model", image, local_hub, tmp_path / "hf")
-    assert down["folder"] == cached["folder"] and down["probs"] == cached["probs"]
-    uncached = load_in_subprocess("hf-hub:test/pickle-only", image, local_hub, tmp_path / "hf")
-    assert uncached["type"] == "HubUnreachable" and "not reachable" in uncached["error"]
+    for status in (503, 429):
+        local_hub.outage = status
+        down = load_in_subprocess("hf-hub:test/model", image, local_hub, tmp_path / "hf")
+        assert down["folder"] == cached["folder"] and down["probs"] == cached["probs"], status
+        uncached = load_in_subprocess("hf-hub:test/pickle-only", image, local_hub, tmp_path / "hf")
+        assert uncached["type"] == "HubUnreachable" and "not reachable" in uncached["error"], status
     local_hub.outage = None
     refused = load_in_subprocess("hf-hub:test/model", image, local_hub, tmp_path / "hf2", HF_TOKEN="hf_revoked")
     assert refused["type"] == "ModelSourceError" and "HTTP 401" in refused["error"] and "HF_TOKEN" in refused["error"]
@@ -170,6 +176,32 @@ def test_push_uploads_each_export_and_records_the_commit(smoke_run, tmp_path):
     recorded = json.loads((run / "convnextv2_nano" / "hub.json").read_text())
     assert (f"Best ConvNeXtV2 (the demo's model): **convnextv2_nano** (Hub `derma/dd-convnextv2_nano`, commit "
             f"{recorded['commit_url']})") in (run / "comparison.md").read_text()
+
+
+def test_push_keeps_a_published_model_that_serves_better(smoke_run, tmp_path):
+    """A push never silently replaces a published model with a worse one (served test balanced accuracy, from
+    the repo's analysis.json); forced, main becomes exactly the export, files of earlier pushes deleted."""
+    run = copy_run_exports(smoke_run, tmp_path / "run")
+    export = run / "resnet18" / "export"
+    served = json.loads((export / "analysis.json").read_text())["test_final"]["balanced_accuracy"]
+    better = json.loads((export / "analysis.json").read_text())
+    better["test_final"]["balanced_accuracy"] = served + 0.1
+    with LocalHub() as hub:
+        env = client_env(hub, tmp_path / "hf")
+        hub.add_repo("derma/dd-resnet18", {"analysis.json": json.dumps(better).encode(), "notes.txt": b"older"})
+        before = hub.commits("derma/dd-resnet18")
+        refused = subprocess.run([sys.executable, "-c", PUSH, str(run), "derma/dd", "resnet18"], cwd=REPO, env=env,
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 1 and hub.commits("derma/dd-resnet18") == before
+        assert f"serves test balanced accuracy {served + 0.1:.3f}, above this export's {served:.3f}" in refused.stderr
+        assert "--force" in refused.stderr
+        forced = PUSH.replace("sys.argv[2])", "sys.argv[2], force=True)")
+        result = subprocess.run([sys.executable, "-c", forced, str(run), "derma/dd", "resnet18"], cwd=REPO, env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        files = hub.files("derma/dd-resnet18")
+        files.pop(".gitattributes")
+        assert files == {str(p.relative_to(export)): p.read_bytes() for p in export.rglob("*") if p.is_file()}
 
 
 def test_push_without_token_fails_clearly_after_export(smoke_run, tmp_path):

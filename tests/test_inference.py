@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from safetensors.torch import save_file
 from timm.data import create_transform, resolve_model_data_config
 
 from conftest import REPO, data_root
-from dermadetect.explain import CAM_METHODS, project_cam
+from dermadetect.explain import CAM_METHODS, cam_on_image, project_cam
 from dermadetect.hub import ModelSourceError, export_for_hub, load_model
 from dermadetect.inference import (CorruptImageError, ImageTooLargeError, ImageTooSmallError, NotAnImageError,
                                    Predictor, open_image)
@@ -145,6 +146,40 @@ def test_export_carries_its_own_licence_and_versioned_settings(model_dirs, tmp_p
         load_model(str(mixed))
 
 
+def edit_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if key == "ood_threshold":
+            config["dermadetect"][key] = value
+        elif value is None:
+            del config[key]
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+DAMAGED_FOLDERS = {
+    "config.json cannot be read": lambda f: (f / "config.json").write_text('{"label_names": ["akiec", '),
+    "config.json has no architecture": lambda f: edit_config(f, architecture=None),
+    "cannot build no_such_net": lambda f: edit_config(f, architecture="no_such_net"),
+    "cannot build resnet18 from its files": lambda f: (f / "model.safetensors").write_bytes(
+        (f / "model.safetensors").read_bytes()[:1000]),
+    "ood.safetensors cannot be read": lambda f: (edit_config(f, ood_threshold=1.0),
+                                                 (f / "ood.safetensors").write_bytes(b"\x00" * 16)),
+}
+
+
+@pytest.mark.parametrize("why", DAMAGED_FOLDERS)
+def test_damaged_model_folder_is_refused_in_plain_words(model_dirs, tmp_path, why):
+    """A half-copied or damaged folder (or one from a newer timm) is a ModelSourceError that names the file and
+    what to do, which the app and the CLI show as one line, never a library's own exception."""
+    folder = shutil.copytree(model_dirs["resnet18"], tmp_path / "damaged")
+    DAMAGED_FOLDERS[why](folder)
+    with pytest.raises(ModelSourceError, match=why) as caught:
+        load_model(str(folder))
+    assert "again" in str(caught.value)
+
+
 @pytest.mark.parametrize("size", [(640, 360), (300, 500)])
 def test_cam_lands_on_the_right_pixels_of_a_non_square_image(model_dirs, size):
     """A marker placed in the original image is found in the model's input tensor (through the real eval
@@ -224,6 +259,7 @@ def test_rejected_uploads_raise_typed_readable_errors(tmp_path):
         b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog >>\nendobj\n": NotAnImageError,
         truncated[: len(truncated) // 2]: CorruptImageError,
         encoded(rgb.resize((31, 200)), "PNG"): ImageTooSmallError,
+        encoded(Image.new("RGB", (40, 30000)), "PNG"): ImageTooSmallError,  # a sliver once fitted to 1024 px
         encoded(Image.new("1", (9000, 8000)), "PNG"): ImageTooLargeError,
     }
     for data, error in cases.items():
@@ -232,6 +268,11 @@ def test_rejected_uploads_raise_typed_readable_errors(tmp_path):
         assert "upload" in str(caught.value) or "pixels" in str(caught.value)
     with pytest.raises(NotAnImageError, match="does not exist"):
         open_image(tmp_path / "missing.jpg")
+
+
+def test_overlay_opacity_outside_zero_to_one_is_refused():
+    with pytest.raises(ValueError, match="opacity"):
+        cam_on_image(np.zeros((8, 8)), lesion_like((64, 64)), {"input_size": (3, 8, 8), "crop_pct": 1.0}, 1.5)
 
 
 def test_large_jpeg_is_decoded_at_reduced_scale():
@@ -262,6 +303,8 @@ def test_full_size_originals_and_cli(model_dirs, tmp_path):
     if root is None or not (root / "ham10000-originals").is_dir():
         pytest.skip("DERMADETECT_DATA with ham10000-originals/ is not set")
     images = sorted((root / "ham10000-originals").glob("*.jpg"))[:3]
+    (tmp_path / "twin").mkdir()  # the same file name in another folder gets its own overlay
+    images.append(Path(shutil.copy(images[0], tmp_path / "twin" / images[0].name)))
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")
     result = subprocess.run([sys.executable, "-m", "dermadetect", "predict", *map(str, images), str(bad),
@@ -270,11 +313,12 @@ def test_full_size_originals_and_cli(model_dirs, tmp_path):
     assert result.returncode == 1, result.stderr[-2000:]  # one input failed, and said so
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [line["image"] for line in lines] == [*map(str, images), str(bad)]
-    for line, path in zip(lines[:3], images):
+    for line, path in zip(lines[:4], images):
         assert set(line["probabilities"]) == set(HAM10000_CLASSES)
         with Image.open(line["overlay"]) as overlay, Image.open(path) as original:
             assert overlay.size == original.size
-    assert lines[3]["error_type"] == "NotAnImageError" and "upload" in lines[3]["error"]
+    assert len({line["overlay"] for line in lines[:4]}) == 4
+    assert lines[4]["error_type"] == "NotAnImageError" and "upload" in lines[4]["error"]
 
 
 @pytest.mark.parametrize("command", [["-m", "dermadetect", "predict", "x.jpg"], ["app.py"]])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 import subprocess
 import sys
 
@@ -152,6 +153,19 @@ def test_publish_copies_a_run(smoke_run, tmp_path):
     assert [p.name for p in (repo / "models").iterdir()] == ["dermadetect-resnet18"]
     publish_run(smoke_run, "efficientnet_b0", repo, force=True)
     assert [p.name for p in (repo / "models").iterdir()] == ["dermadetect-efficientnet_b0"]  # one bundled model
+
+    # an incomplete export is refused before anything changes; a republished run leaves no file of an earlier one
+    bundled = repo / "models" / "dermadetect-efficientnet_b0"
+    before = {p.name: p.read_bytes() for p in bundled.iterdir()}
+    run = Path(shutil.copytree(smoke_run, tmp_path / "runs" / smoke_run.name, ignore=shutil.ignore_patterns("state")))
+    (run / "resnet18" / "export" / "ood.safetensors").unlink()
+    stale = repo / "results" / run.name / "resnet18" / "robustness_test.json"
+    stale.write_text("{}")
+    with pytest.raises(SystemExit, match="export/? lacks ood.safetensors.*Nothing was changed"):
+        publish_run(run, "resnet18", repo, force=True)
+    assert {p.name: p.read_bytes() for p in bundled.iterdir()} == before and stale.is_file()
+    publish_run(run, None, repo)
+    assert not stale.exists()
     shutil.rmtree(repo)
 
 

@@ -126,6 +126,13 @@ def test_two_process_evaluation_matches_one_process(smoke_run, tmp_path):
         outputs = [np.load(r / backbone / "outputs_test.npz") for r in (smoke_run, run)]
         assert np.array_equal(outputs[0]["labels"], outputs[1]["labels"])
         np.testing.assert_allclose(outputs[1]["logits"], outputs[0]["logits"], atol=1e-4)
+    # analysis under the same launcher: one process does it, the other returns at once
+    cmd[cmd.index("evaluate")] = "analyze"
+    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("best on validation:") == 1
+    assert all((run / backbone / "analysis.json").is_file() for backbone in DEFAULT_BACKBONES)
 
 
 def test_two_process_training_run_goes_from_fit_to_export(small_data, tmp_path):
@@ -141,6 +148,7 @@ def test_two_process_training_run_goes_from_fit_to_export(small_data, tmp_path):
     result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("best on validation:") == 1  # one process analysed and exported
     single = tmp_path / "single"
     run_train(*SMALL_RUN, "--data-dir", str(small_data), "--backbones", "resnet18", "--output-dir", str(single),
               "--stop-after", "fit")
@@ -250,6 +258,26 @@ def test_resume_refuses_data_that_splits_differently(small_data, tmp_path):
     write_metadata(root / "train" / "metadata.csv", rows[:-2])
     result = run_train("--output-dir", str(out), "--resume", check=False)
     assert result.returncode != 0 and "splits.csv" in result.stderr and "rows differ" in result.stderr
+
+
+def test_unusable_run_folders_and_sources_are_one_error_line(tmp_path):
+    """What a user gets wrong before any training: one `error:` line saying what, no traceback."""
+    old = tmp_path / "old"
+    old.mkdir()  # a run folder of an earlier version, with an option that was since removed
+    (old / "config.json").write_text(json.dumps({"config": {"train": {"mixup": 0.2}}}))
+    commands = [
+        ("holds no run", ["train.py", "--resume", "--output-dir", str(tmp_path / "nowhere")]),
+        ("another version", ["train.py", "--resume", "--output-dir", str(old)]),
+        ("another version", ["-m", "dermadetect", "analyze", str(old)]),
+        ("No such file", ["train.py", "--config", str(tmp_path / "missing.yaml")]),
+        ("give exactly one data source", ["train.py", "--output-dir", str(tmp_path / "a")]),
+        ("does not exist", ["train.py", "--data-dir", str(tmp_path / "no-data"), "--output-dir", str(tmp_path / "b")]),
+    ]
+    for expected, command in commands:
+        result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=300)
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode != 0 and "Traceback" not in result.stderr, (command, result.stderr[-2000:])
+        assert last.startswith("error:") and expected in last, (command, last)
 
 
 def test_existing_run_is_not_overwritten(smoke_run, small_data):
