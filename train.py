@@ -112,7 +112,7 @@ def parse_config(argv=None) -> tuple[argparse.Namespace, RunConfig]:
     elif known.config:
         try:
             base = RunConfig.from_dict({**base.to_dict(), **(yaml.safe_load(Path(known.config).read_text()) or {})})
-        except (OSError, ValueError, yaml.YAMLError) as exc:
+        except (OSError, TypeError, ValueError, yaml.YAMLError) as exc:  # TypeError: a YAML list, not a mapping
             raise SystemExit(f"error: --config {known.config}: {exc}") from None
     if bool(known.data_dir) != bool(known.dataset) and not known.resume:
         # the source named on the command line replaces the config file's (gpu.yaml names a local folder)
@@ -266,8 +266,8 @@ def main(argv=None) -> int:
         if last >= 1 and not (args.resume and (run_dir / name / METRICS_FILE).is_file()):
             evaluate_backbone(name, cfg, data, accelerator, run_dir)
         accelerator.wait_for_everyone()
-    # the last collective: analysis, export and push need no device and take minutes, past the 10-minute
-    # timeout of an NCCL group whose other processes would wait for them at a barrier
+    # the other processes leave now: rank 0's minutes of analysis, export and push would outlast the 10-minute
+    # timeout of an NCCL barrier they waited at
     main_process = accelerator.is_main_process
     accelerator.end_training()
     if not main_process or last < 2:

@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     predict.add_argument("--model", required=True, help="model folder or hf-hub:ORG/NAME[@REVISION]")
     predict.add_argument("--cam-method", choices=sorted(CAM_METHODS), help="default: the model's own")
     predict.add_argument("--class", dest="explain", help="label to explain (default: the top class)")
-    predict.add_argument("--out", help="folder for the overlays (<image stem>_cam.png)")
+    predict.add_argument("--out", help="folder for the overlays (<image stem>_cam.png; <stem>_1_cam.png for a "
+                                       "second image of that name)")
     publish = commands.add_parser("publish", help="commit a run: results/, the bundled model, model_card.md, README")
     publish.add_argument("run_dir", help="a finished run folder (runs/NAME)")
     publish.add_argument("--bundle", help="the backbone to bundle as the offline demo model (default: keep the "
@@ -117,6 +118,14 @@ def main(argv=None) -> int:
     return 1 if failures else 0
 
 
+def launcher_rank() -> int:
+    """This process's rank as a launcher sets it (the variables Accelerate reads), 0 when launched alone."""
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "PMI_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
 def run_stage(stage: str, run_dir: Path, push_prefix: str | None = None, private: bool = False,
               force: bool = False) -> int:
     """One stage over every backbone of a run. Evaluate runs in every process (under accelerate launch);
@@ -126,7 +135,7 @@ def run_stage(stage: str, run_dir: Path, push_prefix: str | None = None, private
         cfg, _ = read_run(run_dir)
         data = load_run_data(run_dir, cfg)
         if stage != "evaluate":
-            if int(os.environ.get("RANK", "0")):  # under accelerate launch or torchrun: one process does it
+            if launcher_rank():  # under accelerate launch, torchrun or mpirun: one process does it
                 return 0
             return finish_run(cfg, data, run_dir, analyze=stage == "analyze", export=stage == "export",
                               push_prefix=push_prefix, private=private, force=force)
@@ -146,6 +155,7 @@ RESULT_FILES = ("metrics.json", "explain_faithfulness.json", "analysis.json", "p
                 # per image (ids, labels, calibrated probabilities, decision): every analysed number can be redone
                 "predictions_calibrated_validation.csv", "predictions_calibrated_test.csv")
 # the plot is drawn once every backbone is analysed; benchmarks/bench_ensemble.py --out writes the other
+RUN_FILES = ("config.json", "comparison.json", "comparison.md", "splits.csv")
 OPTIONAL_RUN_FILES = ("comparison.png", "ensemble_validation.json")
 BUNDLE_FILES = ("config.json", "model.safetensors", "README.md", "examples.json", "analysis.json", OOD_FILE)
 
@@ -197,6 +207,9 @@ def publish_run(run_dir: Path, bundle: str | None, repo: Path, force: bool = Fal
     (between the run's markers); with `bundle`, also that backbone's export into models/dermadetect-<bundle>/
     (the one bundled model) and its card into model_card.md. Everything copied was written by train.py."""
     block_file(repo, run_dir.name)  # fail before anything is copied
+    if missing := [name for name in RUN_FILES if not (run_dir / name).is_file()]:
+        raise SystemExit(f"{run_dir} lacks {', '.join(missing)}: finish the run first (train.py --resume "
+                         f"--output-dir {run_dir}). Nothing was changed")
     if bundle is not None:
         export = run_dir / bundle / "export"
         missing = [name for name in BUNDLE_FILES if not (export / name).is_file()]
@@ -205,17 +218,17 @@ def publish_run(run_dir: Path, bundle: str | None, repo: Path, force: bool = Fal
                              "first. Nothing was changed")
         check_bundle_is_no_worse(run_dir, bundle, repo, force)
     results = repo / "results" / run_dir.name
-    shutil.rmtree(results, ignore_errors=True)  # a copy of the run as it is now: no file of an earlier run stays
-    results.mkdir(parents=True)
-    for name in ("config.json", "comparison.json", "comparison.md", "splits.csv", *OPTIONAL_RUN_FILES):
-        if name not in OPTIONAL_RUN_FILES or (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, results / name)
+    results.mkdir(parents=True, exist_ok=True)
     comparison = json.loads((run_dir / "comparison.json").read_text())
-    for row in comparison["rows"]:
-        (results / row["backbone"]).mkdir(exist_ok=True)
-        for name in RESULT_FILES:
-            if (run_dir / row["backbone"] / name).is_file():
-                shutil.copy2(run_dir / row["backbone"] / name, results / row["backbone"] / name)
+    copies = [*RUN_FILES, *OPTIONAL_RUN_FILES]
+    copies += [f"{row['backbone']}/{name}" for row in comparison["rows"] for name in RESULT_FILES]
+    for name in copies:
+        # a file the run no longer has goes too: results/ shows the run as it is now
+        if (run_dir / name).is_file():
+            (results / name).parent.mkdir(exist_ok=True)
+            shutil.copy2(run_dir / name, results / name)
+        else:
+            (results / name).unlink(missing_ok=True)
     write_readme_block(repo, run_dir.name, results_markdown(comparison, f"results/{run_dir.name}/comparison.json"))
     if bundle is None:
         return

@@ -264,7 +264,7 @@ def validate(tables: dict[str, datasets.Dataset], allowed_labels: set[str] | Non
     seen: dict[str, str] = {}
     for split, table in tables.items():
         for row, (image_id, lesion_id, dx) in enumerate(zip(table["image_id"], table["lesion_id"], table["dx"])):
-            if not lesion_id:  # blank ids would pool into one "lesion" and skew the lesion split
+            if not (lesion_id or "").strip():  # blank ids would pool into one "lesion" and skew the lesion split
                 bad.append(BadRow(split, row, image_id, "empty lesion_id"))
             if not image_id:
                 bad.append(BadRow(split, row, image_id, "empty image_id"))

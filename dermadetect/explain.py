@@ -112,11 +112,15 @@ def project_cam(cam: np.ndarray, image_size: tuple[int, int], data_config: dict)
     return full, (left, top, right, bottom)
 
 
+def check_opacity(opacity: float) -> None:
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f"the overlay opacity must be between 0 and 1, not {opacity}")
+
+
 def cam_on_image(cam: np.ndarray, image: Image.Image, data_config: dict, opacity: float = 0.5) -> Image.Image:
     """The CAM drawn on the original RGB image at the pixels the model saw; outside that crop the image is
     dimmed and carries no heat map (the model never saw it)."""
-    if not 0.0 <= opacity <= 1.0:
-        raise ValueError(f"the overlay opacity must be between 0 and 1, not {opacity}")
+    check_opacity(opacity)
     full, (left, top, right, bottom) = project_cam(cam, image.size, data_config)
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     out = rgb * 0.55

@@ -155,11 +155,14 @@ def _cached_snapshot(repo_id: str, revision: str | None, where: str) -> tuple[Pa
 def load_model(source: str) -> LoadedModel:
     """Build the model described by a model folder or Hub repo, with its labels and eval data config."""
     folder, described = resolve_folder(source)
-    again = "copy the whole exported folder again"
+    again = ("push the export again, or delete this repo from the Hugging Face cache if only the copy here is "
+             "damaged" if described.startswith(HUB_PREFIX) else "copy the whole exported folder again")
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"{described}: {CONFIG_FILE} cannot be read ({exc}); {again}") from exc
+    if not isinstance(config, dict):
+        raise ModelSourceError(f"{described}: {CONFIG_FILE} is not a timm model config; {again}")
     for key in ("label_names", "architecture"):
         if not config.get(key):
             raise ModelSourceError(f"{described}: {CONFIG_FILE} has no {key}; {again}")
@@ -181,9 +184,11 @@ def load_model(source: str) -> LoadedModel:
             raise ModelSourceError(f"{described}: {OOD_FILE} cannot be read ({exc}); {again}") from exc
     try:
         model = timm.create_model(f"local-dir:{folder}", pretrained=True)
-    except (OSError, RuntimeError, SafetensorError) as exc:  # RuntimeError: an unknown architecture, wrong shapes
+    except (OSError, SafetensorError) as exc:
+        raise ModelSourceError(f"{described}: {WEIGHTS_FILE} cannot be read ({exc}); {again}") from exc
+    except RuntimeError as exc:  # an architecture this timm does not know, or weights of other shapes
         raise ModelSourceError(f"{described}: this timm {timm.__version__} cannot build {config['architecture']} "
-                               f"from its files ({type(exc).__name__}: {exc}); {again}, or upgrade timm") from exc
+                               f"from its files ({exc}); {again}, or upgrade timm") from exc
     model.eval()
     return LoadedModel(model=model, architecture=config["architecture"],
                        label_names=tuple(config["label_names"]), data_config=resolve_model_data_config(model),
@@ -424,18 +429,28 @@ def _num(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def published_balanced_accuracy(repo_id: str) -> float | None:
-    """The served test balanced accuracy of the model on repo_id's main (its analysis.json); None if none is."""
+def published_model(api: HfApi, repo_id: str) -> tuple[float | None, str | None]:
+    """(served test balanced accuracy from analysis.json, commit) of repo_id's main: (None, None) without a repo,
+    (None, commit) without a model. Read at that commit, asked for now: a cached copy may be older."""
     try:
-        path = hf_hub_download(repo_id, "analysis.json")
-    except (RepositoryNotFoundError, RevisionNotFoundError, RemoteEntryNotFoundError):  # the Hub said: none
-        return None
-    return json.loads(Path(path).read_text())["test_final"]["balanced_accuracy"]
+        commit = api.model_info(repo_id).sha
+    except RepositoryNotFoundError:
+        return None, None
+    try:
+        path = hf_hub_download(repo_id, "analysis.json", revision=commit)
+    except RemoteEntryNotFoundError:
+        return None, commit
+    try:
+        return float(json.loads(Path(path).read_text())["test_final"]["balanced_accuracy"]), commit
+    except (ValueError, KeyError, TypeError) as exc:
+        raise HubPushError(f"{repo_id}'s analysis.json has no served test balanced accuracy to compare with "
+                           f"({type(exc).__name__}: {exc}); pass --force to replace its model") from exc
 
 
 def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, force: bool = False) -> str:
     """Create the repo if needed and make its main the folder (files it lacks are deleted); returns the commit
-    URL. A published model that serves a higher test balanced accuracy is kept unless `force`. Token: HF_TOKEN
+    URL. A published model that serves a higher test balanced accuracy is kept unless `force`; the upload names
+    the commit it compared with, so a push in between makes it fail rather than be overwritten. Token: HF_TOKEN
     or the login cache."""
     if get_token() is None:
         raise HubPushError(f"no Hugging Face token: set HF_TOKEN or run `hf auth login`, then push {folder} "
@@ -443,14 +458,14 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, force: 
     api = HfApi()
     try:
         new = json.loads((Path(folder) / "analysis.json").read_text())["test_final"]["balanced_accuracy"]
-        old = published_balanced_accuracy(repo_id)
-        if old is not None and new < old and not force:
+        old, parent = (None, None) if force else published_model(api, repo_id)
+        if old is not None and new < old:
             raise HubPushError(f"{repo_id} serves test balanced accuracy {old:.3f}, above this export's {new:.3f}: "
                                "not pushed (the local export is complete). Push it with `python -m dermadetect "
                                "export RUN --push-to-hub PREFIX --force` to replace the published model anyway")
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), delete_patterns="*",
-                                   commit_message=f"Upload DermaDetect model from {Path(folder).parent.name}")
+                                   parent_commit=parent, commit_message=f"Upload DermaDetect model from {Path(folder).parent.name}")
     except HubPushError:
         raise
     except Exception as exc:  # network, permissions: the local folder is intact either way

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
 
-from .explain import CamExplainer, cam_on_image
+from .explain import CamExplainer, cam_on_image, check_opacity
 from .hub import LoadedModel, load_model
 from .labels import melanoma_index, readable_name
 
@@ -158,6 +158,7 @@ class Predictor:
         by `method` (default: the model's own, chosen by ROAD faithfulness at training time)."""
         if isinstance(explain, str) and explain not in self.label_names:
             raise ValueError(f"unknown class {explain!r}; choose one of {list(self.label_names)}")
+        check_opacity(opacity)  # before the forward pass and the CAM are spent on the call
         image = open_image(upload, self.max_pixels)
         class_index = self.label_names.index(explain) if isinstance(explain, str) else explain
         result = self.explainer(self.preprocess(image), class_index, method or self.default_method)

@@ -200,7 +200,7 @@ def bad_folder(ham224, tmp_path):
     (root / "train" / rows[1]["file_name"]).unlink()
     rows[2]["dx"] = "melanomaa"
     rows.append({**rows[3]})  # the same image_id twice
-    rows[-2]["lesion_id"] = ""  # blank lesion ids would pool into one lesion
+    rows[-2]["lesion_id"] = " "  # blank lesion ids would pool into one lesion
     write_metadata(root / "train" / "metadata.csv", rows)
     return root, rows
 
@@ -292,7 +292,7 @@ def test_training_loader_shuffles_without_replacement(full_data):
 
 def test_guard_photos_folder_is_checked_before_training(small_data, tmp_path):
     """A missing folder, or photos of too few lesions to cross-validate the guard, stop train.py before it
-    trains, with one plain line; photos of one lesion (names differing in a trailing number) count once."""
+    trains, with one plain line; PAD-UFES photos of one lesion (PAT_<patient>_<lesion>_<image>) count once."""
     missing = run_train("--config", str(REPO / "configs" / "smoke.yaml"), "--data-dir", str(small_data),
                         "--guard-photos", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "run"),
                         check=False)

@@ -138,7 +138,7 @@ def test_hub_outage_serves_the_cache_and_a_refused_token_is_an_error(local_hub, 
     silent offline fallback."""
     image = example_image(tiny_export)
     cached = load_in_subprocess("hf-hub:test/model", image, local_hub, tmp_path / "hf")
-    for status in (503, 429):
+    for status in (503, 429, 408):
         local_hub.outage = status
         down = load_in_subprocess("hf-hub:test/model", image, local_hub, tmp_path / "hf")
         assert down["folder"] == cached["folder"] and down["probs"] == cached["probs"], status
@@ -188,6 +188,10 @@ def test_push_keeps_a_published_model_that_serves_better(smoke_run, tmp_path):
     better["test_final"]["balanced_accuracy"] = served + 0.1
     with LocalHub() as hub:
         env = client_env(hub, tmp_path / "hf")
+        hub.add_repo("derma/dd-resnet18", {"README.md": b"a repo with no model yet"})
+        first = subprocess.run([sys.executable, "-c", PUSH, str(run), "derma/dd", "resnet18"], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert first.returncode == 0, first.stderr[-3000:]  # nothing served there to compare with
         hub.add_repo("derma/dd-resnet18", {"analysis.json": json.dumps(better).encode(), "notes.txt": b"older"})
         before = hub.commits("derma/dd-resnet18")
         refused = subprocess.run([sys.executable, "-c", PUSH, str(run), "derma/dd", "resnet18"], cwd=REPO, env=env,

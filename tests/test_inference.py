@@ -160,9 +160,10 @@ def edit_config(folder, **changes):
 
 DAMAGED_FOLDERS = {
     "config.json cannot be read": lambda f: (f / "config.json").write_text('{"label_names": ["akiec", '),
+    "config.json is not a timm model config": lambda f: (f / "config.json").write_text('["resnet18"]'),
     "config.json has no architecture": lambda f: edit_config(f, architecture=None),
     "cannot build no_such_net": lambda f: edit_config(f, architecture="no_such_net"),
-    "cannot build resnet18 from its files": lambda f: (f / "model.safetensors").write_bytes(
+    "model.safetensors cannot be read": lambda f: (f / "model.safetensors").write_bytes(
         (f / "model.safetensors").read_bytes()[:1000]),
     "ood.safetensors cannot be read": lambda f: (edit_config(f, ood_threshold=1.0),
                                                  (f / "ood.safetensors").write_bytes(b"\x00" * 16)),

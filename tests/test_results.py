@@ -166,6 +166,10 @@ def test_publish_copies_a_run(smoke_run, tmp_path):
     assert {p.name: p.read_bytes() for p in bundled.iterdir()} == before and stale.is_file()
     publish_run(run, None, repo)
     assert not stale.exists()
+    (run / "comparison.json").unlink()  # an unfinished run: refused before results/ is touched
+    with pytest.raises(SystemExit, match="lacks comparison.json.*Nothing was changed"):
+        publish_run(run, None, repo)
+    assert (repo / "results" / run.name / "comparison.json").is_file()
     shutil.rmtree(repo)
 
 
