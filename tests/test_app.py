@@ -298,6 +298,7 @@ def test_opacity_change_reblends_the_cached_cam(predictor, originals):
     first = predictor.predict(path, opacity=0.5)
     again = predictor.predict(path, opacity=0.2)
     assert np.array_equal(np.asarray(predictor.overlay(path, first.cam, 0.2)), np.asarray(again.overlay))
+    assert not np.array_equal(np.asarray(first.overlay), np.asarray(again.overlay))  # the opacity is drawn
 
 
 def test_default_falls_back_to_bundled_model_offline(tiny_export, monkeypatch, tmp_path):
