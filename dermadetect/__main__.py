@@ -23,7 +23,7 @@ from pathlib import Path
 from .data import BadDataError, write_compact_copy
 from .engine import make_accelerator
 from .explain import CAM_METHODS
-from .hub import ModelSourceError, model_card
+from .hub import ModelSourceError, model_card, served_balanced_accuracy
 from .inference import InvalidImageError, Predictor
 from .labels import DISCLAIMER
 from .pipeline import RunFolderError, evaluate_backbone, finish_run, load_run_data, read_run
@@ -181,11 +181,6 @@ def write_readme_block(repo: Path, name: str, text: str) -> None:
     content = page.read_text()
     start, end = results_markers(name)
     page.write_text(content[:content.index(start) + len(start)] + "\n" + text + "\n" + content[content.index(end):])
-
-
-def served_balanced_accuracy(model_dir: Path) -> float:
-    """The test balanced accuracy of a model folder's served call, from the analysis it ships with."""
-    return json.loads((model_dir / "analysis.json").read_text())["test_final"]["balanced_accuracy"]
 
 
 def check_bundle_is_no_worse(run_dir: Path, bundle: str, repo: Path, force: bool) -> None:

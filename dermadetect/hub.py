@@ -108,7 +108,8 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
     """The model folder of a Hub repo (only MODEL_FILES: a repo may hold more) through huggingface_hub's cache.
     One request with a short timeout asks the Hub first; when it gets no answer, or the Hub is down (5xx) or
     busy (408, 429), the cache is used, as with HF_HUB_OFFLINE=1, and nothing is retried. snapshot_download gets
-    the revision as asked (not the commit), so that the cache remembers where `main` pointed for the next time the Hub is out of reach."""
+    the revision as asked (not the commit), so that the cache remembers where `main` pointed for the next time
+    the Hub is out of reach."""
     where = f"{repo_id}@{revision or 'main'}"
     if hub_constants.HF_HUB_OFFLINE:
         return _cached_snapshot(repo_id, revision, where)
@@ -118,8 +119,8 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
         except (RepositoryNotFoundError, RevisionNotFoundError):
             raise
         except (httpx2.TransportError, HfHubHTTPError) as exc:
-            if isinstance(exc, HfHubHTTPError) and exc.response.status_code < 500 \
-                    and exc.response.status_code not in BUSY_STATUSES:
+            status = exc.response.status_code if isinstance(exc, HfHubHTTPError) else None
+            if status is not None and status < 500 and status not in BUSY_STATUSES:
                 raise  # the Hub answered: a refused token, a disabled repo... not a reason to go offline
             logger.info("the Hub did not answer for %s (%s): looking in the local cache", where, exc)
             return _cached_snapshot(repo_id, revision, where)
@@ -429,6 +430,11 @@ def _num(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def served_balanced_accuracy(model_dir: Path) -> float:
+    """The test balanced accuracy of a model folder's served call, from the analysis it ships with."""
+    return float(json.loads((Path(model_dir) / "analysis.json").read_text())["test_final"]["balanced_accuracy"])
+
+
 def published_model(api: HfApi, repo_id: str) -> tuple[float | None, str | None]:
     """(served test balanced accuracy from analysis.json, commit) of repo_id's main: (None, None) without a repo,
     (None, commit) without a model. Read at that commit, asked for now: a cached copy may be older."""
@@ -441,7 +447,7 @@ def published_model(api: HfApi, repo_id: str) -> tuple[float | None, str | None]
     except RemoteEntryNotFoundError:
         return None, commit
     try:
-        return float(json.loads(Path(path).read_text())["test_final"]["balanced_accuracy"]), commit
+        return served_balanced_accuracy(Path(path).parent), commit
     except (ValueError, KeyError, TypeError) as exc:
         raise HubPushError(f"{repo_id}'s analysis.json has no served test balanced accuracy to compare with "
                            f"({type(exc).__name__}: {exc}); pass --force to replace its model") from exc
@@ -457,7 +463,7 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, force: 
                            f"to {repo_id} again (the local export is complete)")
     api = HfApi()
     try:
-        new = json.loads((Path(folder) / "analysis.json").read_text())["test_final"]["balanced_accuracy"]
+        new = served_balanced_accuracy(folder)
         old, parent = (None, None) if force else published_model(api, repo_id)
         if old is not None and new < old:
             raise HubPushError(f"{repo_id} serves test balanced accuracy {old:.3f}, above this export's {new:.3f}: "
@@ -465,7 +471,8 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, force: 
                                "export RUN --push-to-hub PREFIX --force` to replace the published model anyway")
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), delete_patterns="*",
-                                   parent_commit=parent, commit_message=f"Upload DermaDetect model from {Path(folder).parent.name}")
+                                   parent_commit=parent,
+                                   commit_message=f"Upload DermaDetect model from {Path(folder).parent.name}")
     except HubPushError:
         raise
     except Exception as exc:  # network, permissions: the local folder is intact either way
