@@ -176,6 +176,29 @@ def test_cuda_smoke_runs_every_stage_on_the_gpu(small_data, tmp_path):
         assert np.isfinite(outputs["logits"]).all() and outputs["logits"].shape[1] == 8
 
 
+@pytest.mark.slow
+def test_bf16_runs_every_stage_and_evaluates_near_float32(small_data, tmp_path):
+    """configs/gpu.yaml trains in bf16, which autocast also does on the CPU: every stage takes bf16 outputs,
+    and the evaluation pass's logits are float32's to bf16 precision, not float32's own."""
+    out = tmp_path / "bf16"
+    backbones = ("resnet18", "convnextv2_atto")
+    run_train(*SMALL_RUN, "--data-dir", str(small_data), "--backbones", *backbones, "--mixed-precision", "bf16",
+              "--output-dir", str(out))
+    half = {b: np.load(out / b / "outputs_test.npz")["logits"] for b in backbones}
+    run = json.loads((out / "config.json").read_text())
+    assert run["config"]["train"]["mixed_precision"] == "bf16"
+    run["config"]["train"]["mixed_precision"] = "no"
+    (out / "config.json").write_text(json.dumps(run))
+    subprocess.run([sys.executable, "-m", "dermadetect", "evaluate", str(out)], cwd=REPO, check=True,
+                   capture_output=True)
+    for backbone in backbones:
+        assert (out / backbone / "export" / "README.md").is_file()
+        full = np.load(out / backbone / "outputs_test.npz")["logits"]
+        assert not np.array_equal(half[backbone], full), f"{backbone}: the pass did not run in bf16"
+        # bf16 keeps 8 bits of mantissa: about 1% of the largest logit here
+        assert np.abs(half[backbone] - full).max() < 0.05 * np.abs(full).max(), backbone
+
+
 def resume_args(small_data) -> list[str]:
     return [*SMALL_RUN, "--data-dir", str(small_data), "--backbones", "resnet18", "--epochs", "3", "--max-steps", "0"]
 
