@@ -26,7 +26,7 @@ from huggingface_hub import constants as hub_constants
 from PIL import Image
 
 from dermadetect.explain import CAM_METHODS
-from dermadetect.hub import HubRepoMissing, HubUnreachable, ModelSourceError
+from dermadetect.hub import HubRepoMissing, HubUnreachable, ModelSourceError, example_images
 from dermadetect.inference import InvalidImageError, Prediction, Predictor
 from dermadetect.labels import CLASS_NOTES, DISCLAIMER, MALIGNANT, readable_name
 from dermadetect.posthoc import MELANOMA_TARGET_SENSITIVITY
@@ -131,18 +131,8 @@ def model_summary(predictor: Predictor) -> str:
 
 
 def find_examples(predictor: Predictor) -> list[list[str]]:
-    """The example images listed in the model folder's examples.json: shipped under examples/ (exports on the
-    Hub), else read from the test images of DERMADETECT_DATA (the bundled model carries no dataset images)."""
-    listing = predictor.loaded.folder / "examples.json"
-    if not listing.is_file():
-        return []
-    test_images = Path(os.environ.get("DERMADETECT_DATA", "")).expanduser() / "ham10000-224" / "test"
-    paths = []
-    for entry in json.loads(listing.read_text()):
-        name = Path(str(entry["file"])).name  # a bare name: a listing must not point outside examples/
-        shipped = predictor.loaded.folder / "examples" / name
-        paths.append(shipped if shipped.is_file() else test_images / name)
-    return [[str(path)] for path in paths if path.is_file()]
+    """The model folder's example images (hub.example_images), as Gradio's examples."""
+    return [[str(path)] for path in example_images(predictor.loaded.folder)]
 
 
 def summary_line(result: Prediction, label_names, withheld: bool = True) -> str:

@@ -6,6 +6,7 @@
     python -m dermadetect export RUN [--push-to-hub ORG/PREFIX [--force]]   the served model folders, their upload
     python -m dermadetect publish RUN [--bundle BACKBONE] [--force]   results/, its generated table, bundled model
     python -m dermadetect predict IMAGE... --model SRC   one JSON line per image
+    python -m dermadetect space ORG/NAME [--model hf-hub:ORG/NAME]   deploy the demo to a Gradio Space
     python -m dermadetect sweep-table results/NAME       the generated table (README.md or docs/) of a committed settings sweep
     python -m dermadetect compact-copy DATA_DIR TARGET   the dataset re-encoded as WebP, for a size-limited transfer
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from .data import BadDataError, write_compact_copy
 from .engine import make_accelerator
 from .explain import CAM_METHODS
-from .hub import ModelSourceError, model_card, served_balanced_accuracy
+from .hub import HubPushError, ModelSourceError, deploy_space, model_card, served_balanced_accuracy
 from .inference import InvalidImageError, Predictor
 from .labels import DISCLAIMER
 from .pipeline import RunFolderError, evaluate_backbone, finish_run, load_run_data, read_run
@@ -61,6 +62,13 @@ def main(argv=None) -> int:
     publish.add_argument("--repo", default=".", help="repository root (default: .)")
     publish.add_argument("--force", action="store_true",
                          help="bundle the model even if it scores below the bundled one")
+    space = commands.add_parser("space", help="deploy the demo (app, package, bundled model, its examples) to a "
+                                               "Gradio Space; token: HF_TOKEN")
+    space.add_argument("space_id", metavar="ORG/NAME", help="the Space; created if it does not exist")
+    space.add_argument("--model", help="hf-hub:ORG/NAME[@REV], set as the Space variable DERMADETECT_MODEL "
+                                       "(default: leave it; the app then serves its default model)")
+    space.add_argument("--private", action="store_true", help="create the Space as private")
+    space.add_argument("--repo", default=".", help="repository root (default: .)")
     sweep = commands.add_parser("sweep-table", help="the generated table (README.md or docs/) of a committed settings sweep")
     sweep.add_argument("folder", help="results/NAME: one folder per run with config.json and trainer_state.json")
     sweep.add_argument("--reference", default="base", help="the run the others are compared with (default: base)")
@@ -76,6 +84,14 @@ def main(argv=None) -> int:
         return 0
     if args.command == "sweep-table":
         write_readme_block(Path(args.repo), Path(args.folder).name, sweep_markdown(Path(args.folder), args.reference))
+        return 0
+    if args.command == "space":
+        try:
+            url = deploy_space(args.space_id, Path(args.repo), args.model, args.private)
+        except HubPushError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"deployed: {url}")
         return 0
     if args.command == "publish":
         publish_run(Path(args.run_dir), args.bundle, Path(args.repo), args.force)

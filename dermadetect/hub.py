@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +37,8 @@ MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, OOD_FILE, "README.md", "analysis.json"
 HUB_TIMEOUT = 5.0  # seconds for the first request to the Hub, which normally answers in well under a second
 EXPORT_LICENSE = "cc-by-nc-4.0"   # the terms of the training data (HAM10000)
 EXPORT_TAG = "ham10000"
+# What a Space runs the demo from (README.md is its card and settings); with the bundled model, nothing else
+SPACE_FILES = ("README.md", "LICENSE", "app.py", "requirements.txt", "dermadetect/*.py")
 
 logger = logging.getLogger(__name__)
 
@@ -478,6 +483,60 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, force: 
     except Exception as exc:  # network, permissions: the local folder is intact either way
         raise HubPushError(f"could not push {folder} to {repo_id} ({type(exc).__name__}: {exc}); "
                            "the local export is complete, push it again later") from exc
+    return commit.commit_url
+
+
+def example_images(folder: Path) -> list[Path]:
+    """The images a model folder's examples.json lists that exist: under its examples/ (exports on the Hub), else
+    among the test images of DERMADETECT_DATA (the bundled model carries no dataset images)."""
+    listing = folder / "examples.json"
+    if not listing.is_file():
+        return []
+    test_images = Path(os.environ.get("DERMADETECT_DATA", "")).expanduser() / "ham10000-224" / "test"
+    paths = []
+    for entry in json.loads(listing.read_text()):
+        name = Path(str(entry["file"])).name  # a bare name: a listing must not point outside examples/
+        shipped = folder / "examples" / name
+        paths.append(shipped if shipped.is_file() else test_images / name)
+    return [path for path in paths if path.is_file()]
+
+
+def deploy_space(space_id: str, repo: Path, model: str | None = None, private: bool = False) -> str:
+    """Make a Gradio Space's main exactly the demo: SPACE_FILES, the bundled model and its example images, with
+    the binaries in the Hub's LFS/Xet storage (a git push of this repository is refused for its binary files).
+    `model` (hf-hub:ORG/NAME[@REV]) becomes the Space variable DERMADETECT_MODEL. Returns the commit URL."""
+    if model is not None and not model.startswith(HUB_PREFIX):
+        raise HubPushError(f"--model {model}: a Space serves a model from the Hub; give {HUB_PREFIX}ORG/NAME[@REV]")
+    if get_token() is None:
+        raise HubPushError(f"no Hugging Face token: set HF_TOKEN or run `hf auth login`, then deploy {space_id} again")
+    bundled = min((repo / "models").glob("dermadetect-*"), default=None)
+    if bundled is None or not (repo / "app.py").is_file():
+        raise HubPushError(f"{repo} is not a DermaDetect checkout with a bundled model (models/dermadetect-*)")
+    listed = json.loads((bundled / "examples.json").read_text()) if (bundled / "examples.json").is_file() else []
+    examples = example_images(bundled)
+    if len(examples) < len(listed):
+        raise HubPushError(f"the bundled model lists {len(listed)} example images and {len(examples)} were found: "
+                           "set DERMADETECT_DATA to the folder holding ham10000-224/, whose test images they are")
+    with tempfile.TemporaryDirectory() as stage:
+        stage = Path(stage)
+        for path in sorted(p for pattern in SPACE_FILES for p in repo.glob(pattern)):
+            (stage / path.relative_to(repo)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, stage / path.relative_to(repo))
+        shutil.copytree(bundled, stage / "models" / bundled.name)
+        (stage / "models" / bundled.name / "examples").mkdir(exist_ok=True)
+        for image in examples:
+            shutil.copy2(image, stage / "models" / bundled.name / "examples" / image.name)
+        api = HfApi()
+        try:
+            api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+            commit = api.upload_folder(repo_id=space_id, repo_type="space", folder_path=str(stage),
+                                       delete_patterns="*", commit_message="Deploy the DermaDetect demo")
+            if model is not None:
+                api.add_space_variable(space_id, "DERMADETECT_MODEL", model,
+                                       description="the model the demo serves (app.py)")
+        except Exception as exc:  # network, permissions, metadata the Hub refuses
+            raise HubPushError(f"could not deploy the demo to the Space {space_id} ({type(exc).__name__}: "
+                               f"{exc})") from exc
     return commit.commit_url
 
 

@@ -30,7 +30,10 @@ GITATTRIBUTES = "".join(f"{pattern} filter=lfs diff=lfs merge=lfs -text\n" for p
     "*.7z *.arrow *.bin *.bz2 *.ckpt *.ftz *.gz *.h5 *.joblib *.lfs.* *.mlmodel *.model *.msgpack *.npy *.npz *.onnx "
     "*.ot *.parquet *.pb *.pickle *.pkl *.pt *.pth *.rar *.safetensors saved_model/**/* *.tar.* *.tar *.tflite *.tgz "
     "*.wasm *.xz *.zip *.zst *tfevents*").split())
-URL_PREFIX = {"model": "", "dataset": "datasets/"}
+URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+# What the Hub checks in a Space's README metadata on every commit (docs: spaces-config-reference)
+SPACE_SDKS = ("gradio", "docker", "static", "streamlit")
+SPACE_COLORS = ("red", "yellow", "green", "blue", "indigo", "purple", "pink", "gray")
 
 
 class Blob:
@@ -44,13 +47,18 @@ class Blob:
         self.oid = hashlib.sha1(b"blob %d\0" % len(stored) + stored).hexdigest()  # git's blob id
 
 
+def now() -> str:
+    """The time as the Hub's API writes it."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 @dataclass
 class Commit:
     sha: str
     tree: dict[str, Blob]
     message: str
     parent: Commit | None
-    date: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+    date: str = field(default_factory=now)
 
 
 @dataclass
@@ -62,6 +70,7 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     lfs: dict[str, bytes] = field(default_factory=dict)  # LFS objects uploaded to this repo, by sha256
+    variables: dict[str, dict] = field(default_factory=dict)  # a Space's variables, as the API lists them
 
     def resolve(self, revision: str) -> Commit | None:
         return self.commits.get(self.branches.get(revision) or self.tags.get(revision) or revision)
@@ -82,6 +91,26 @@ def stores_in_lfs(path: str, size: int, sample: bytes, gitattributes: str) -> bo
         if pattern and fnmatch.fnmatchcase(path if "/" in pattern else path.rsplit("/", 1)[-1], pattern):
             return True
     return size >= LFS_MIN_SIZE or b"\0" in sample
+
+
+def space_metadata_errors(card: str) -> list[str]:
+    """What the Hub refuses in a Space's README.md metadata, one line per problem (none: accepted)."""
+    try:
+        meta = front_matter(card)
+    except yaml.YAMLError:
+        return ["the metadata is not valid YAML"]
+    errors = [] if meta.get("sdk") in SPACE_SDKS else [f'"sdk" must be one of [{", ".join(SPACE_SDKS)}]']
+    errors += [f'"{key}" must be one of [{", ".join(SPACE_COLORS)}]' for key in ("colorFrom", "colorTo")
+               if key in meta and meta[key] not in SPACE_COLORS]
+    if len(str(meta.get("short_description", ""))) > 60:
+        errors.append('"short_description" length must be less than or equal to 60 characters long')
+    return errors
+
+
+def new_space_readme(name: str, sdk: str) -> str:
+    """The card the Hub writes into a new Space."""
+    return (f"---\ntitle: {name}\nemoji: 🚀\ncolorFrom: blue\ncolorTo: green\nsdk: {sdk}\npinned: false\n---\n\n"
+            "Check out the configuration reference at https://huggingface.co/docs/hub/spaces-config-reference\n")
 
 
 def front_matter(card: str) -> dict:
@@ -195,8 +224,8 @@ class HubHandler(BaseHTTPRequestHandler):
         self.authenticated = auth is not None
         if parts[0] == "api":
             return self.serve_api(parts[1:])
-        repo_type = "dataset" if parts[0] == "datasets" else "model"
-        parts = parts[1:] if repo_type == "dataset" else parts
+        repo_type = {"datasets": "dataset", "spaces": "space"}.get(parts[0], "model")
+        parts = parts[1:] if repo_type != "model" else parts
         if len(parts) >= 4 and parts[2] == "resolve" and self.command in ("GET", "HEAD"):
             return self.resolve(repo_type, "/".join(parts[:2]), parts[3:])
         if len(parts) == 6 and parts[1].endswith(".git") and parts[2:5] == ["info", "lfs", "objects"]:
@@ -326,9 +355,11 @@ class HubHandler(BaseHTTPRequestHandler):
                 valid = False
             errors = [] if valid else [{"message": "the metadata of README.md is not a YAML mapping"}]
             return self.json({"errors": errors, "warnings": []}, 200 if valid else 400)
-        if len(parts) < 3 or parts[0] not in ("models", "datasets"):
+        if len(parts) < 3 or parts[0] not in ("models", "datasets", "spaces"):
             return self.error(404, None, "Not Found")
         repo_type, repo_id, action, rest = parts[0][:-1], "/".join(parts[1:3]), (parts[3:4] or [""])[0], parts[4:]
+        if repo_type == "space" and action == "variables":
+            return self.space_variables(repo_id)
         if action.startswith("xet-"):
             return self.error(501, None, "This local Hub stores files in LFS only: set HF_HUB_DISABLE_XET=1")
         if not (repo := self.find_repo(repo_type, repo_id, write=action in ("preupload", "commit"))):
@@ -355,15 +386,31 @@ class HubHandler(BaseHTTPRequestHandler):
             return self.error(401, None, "Invalid username or password.")
         repo_type, repo_id = request.get("type") or "model", f"{request.get('organization') or USER}/{request['name']}"
         if repo_type not in URL_PREFIX:
-            return self.error(400, None, f"This local Hub serves models and datasets, not {repo_type}s")
+            return self.error(400, None, f"This local Hub serves models, datasets and Spaces, not {repo_type}s")
+        if repo_type == "space" and request.get("sdk") not in SPACE_SDKS:
+            return self.error(400, None, f"A Space needs an sdk, one of {', '.join(SPACE_SDKS)}")
         url = f"{self.hub.url}/{URL_PREFIX[repo_type]}{repo_id}"
         with self.hub._lock:
             if (repo_type, repo_id) in self.hub._repos:
                 return self.json({"error": f"You already created this {repo_type} repo", "url": url}, 409)
             private = request.get("private", request.get("visibility") == "private")
             repo = self.hub._repos[(repo_type, repo_id)] = Repo(repo_type, repo_id, bool(private))
-            repo.commit("main", {".gitattributes": Blob(GITATTRIBUTES.encode(), lfs=False)}, "initial commit")
+            tree = {".gitattributes": Blob(GITATTRIBUTES.encode(), lfs=False)}
+            if repo_type == "space":
+                tree["README.md"] = Blob(new_space_readme(request["name"], request["sdk"]).encode(), lfs=False)
+            repo.commit("main", tree, "initial commit")
         self.json({"url": url, "name": repo_id, "id": repo_id})
+
+    def space_variables(self, repo_id: str):
+        """GET lists a Space's variables; POST {key, value[, description]} adds or updates one."""
+        if not (repo := self.find_repo("space", repo_id, write=self.command == "POST")):
+            return
+        if self.command == "POST":
+            request = json.loads(self.body)
+            with self.hub._lock:
+                repo.variables[request["key"]] = {"value": request["value"], "description": request.get("description"),
+                                                  "updatedAt": now()}
+        self.json(repo.variables)
 
     def repo_info(self, repo: Repo, commit: Commit):
         def sibling(path: str, blob: Blob) -> dict:
@@ -423,6 +470,9 @@ class HubHandler(BaseHTTPRequestHandler):
                     tree = {p: b for p, b in tree.items() if not p.startswith(value["path"].rstrip("/") + "/")}
                 else:
                     return self.error(400, None, f"Cannot apply {key} to {value.get('path')}: no such file or object")
+            if repo.repo_type == "space" and (errors := space_metadata_errors(tree["README.md"].data.decode()
+                                                                             if "README.md" in tree else "")):
+                return self.error(400, None, "Invalid metadata in README.md.\n" + "\n".join(f"- {e}" for e in errors))
             sha = repo.commit(branch, tree, header["summary"]).sha
         self.json({"success": True, "commitOid": sha, "hookOutput": "",
                    "commitUrl": f"{self.hub.url}/{URL_PREFIX[repo.repo_type]}{repo.repo_id}/commit/{sha}"})

@@ -7,20 +7,14 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from gradio_client import Client, handle_file
 from timm.models import save_for_hf
 
-from conftest import REPO, data_root, run_train, write_skin_cancer_repo
+from conftest import REPO, App, data_root, run_train, served_model, write_skin_cancer_repo
 from local_hub import LocalHub, client_env
 
 # the repos configs/gpu.yaml's backbones resolve to with pretrained=True (their default tags in timm 1.0)
@@ -56,54 +50,6 @@ def hub(originals, tmp_path_factory):
             hub.add_repo(repo_id, {"config.json": work / name / "config.json",
                                    "model.safetensors": work / name / "model.safetensors"})
         yield hub
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class App:
-    """`python app.py` in its own process, as a Space runs it; the page's config and the API over HTTP."""
-
-    def __init__(self, env: dict):
-        self.url = f"http://127.0.0.1:{free_port()}/"
-        self.process = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", self.url.split(":")[-1][:-1]],
-                                        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 300
-        while True:
-            if self.process.poll() is not None:
-                raise AssertionError(f"app.py exited with {self.process.returncode}:\n{self.process.stdout.read()}")
-            try:
-                self.config = json.loads(urllib.request.urlopen(self.url + "config", timeout=5).read())
-                break
-            except OSError:
-                assert time.time() < deadline, "app.py did not come up in 5 minutes"
-                time.sleep(0.2)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.process.terminate()
-        self.process.wait(timeout=60)
-
-    def text(self, elem_id: str) -> str:
-        return " ".join(str(c["props"].get("value")) for c in self.config["components"]
-                        if c["props"].get("elem_id") == elem_id)
-
-    def examples(self) -> list[str]:
-        return [sample[0]["path"] for c in self.config["components"] if c["type"] == "dataset"
-                for sample in c["props"]["samples"]]
-
-    def predict(self, image: str):
-        return Client(self.url, verbose=False).predict(handle_file(image), api_name="/predict")
-
-
-def served_model(app: App) -> str:
-    """The model id the page names: `ORG/NAME@COMMIT` or `bundled: NAME`."""
-    return app.text("model-info").split("`")[1]
 
 
 def test_hub_dataset_and_weights_to_pushed_model_to_the_space(hub, originals, tmp_path):
