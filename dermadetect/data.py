@@ -24,6 +24,7 @@ from timm.data import create_transform, resolve_model_data_config
 from torchvision import transforms as T
 
 from .config import DataConfig
+from .hub import without_xet
 from .labels import HAM10000_CLASSES, accepted_spellings, ham10000_code
 from .shift import RandomShift
 
@@ -109,6 +110,7 @@ def load_source(cfg: DataConfig) -> tuple[dict[str, datasets.Dataset], str, bool
     return to_ham10000_codes(tables, has_lesion_ids), source, has_lesion_ids
 
 
+@without_xet()
 def _load_hub_dataset(name: str) -> dict[str, datasets.Dataset]:
     """A Hub dataset such as marmal88/skin_cancer. Its published splits overlap, so all are pooled and
     duplicate image_ids dropped; the split is then redone by lesion."""

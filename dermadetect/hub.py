@@ -6,6 +6,7 @@ pretrained_cfg that reproduces the eval transform) and `model.safetensors`. Noth
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -109,6 +110,20 @@ def resolve_folder(source: str) -> tuple[Path, str]:
 BUSY_STATUSES = (408, 429)  # a timeout or rate limit: the Hub is out of reach for now, as with a 5xx
 
 
+@contextlib.contextmanager
+def without_xet():
+    """Hub transfers over plain HTTPS, the LFS path the Hub keeps for clients without hf_xet, instead of Xet:
+    hf_xet fails with a RuntimeError after minutes of retries, which would defeat the short fallback to the cache,
+    and this is the protocol the tests' local Hub speaks. huggingface_hub reads the flag at each transfer."""
+    previous = hub_constants.HF_HUB_DISABLE_XET
+    hub_constants.HF_HUB_DISABLE_XET = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_DISABLE_XET = previous
+
+
+@without_xet()
 def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
     """The model folder of a Hub repo (only MODEL_FILES: a repo may hold more) through huggingface_hub's cache.
     One request with a short timeout asks the Hub first; when it gets no answer, or the Hub is down (5xx) or
@@ -458,6 +473,7 @@ def published_model(api: HfApi, repo_id: str) -> tuple[float | None, str | None]
                            f"({type(exc).__name__}: {exc}); pass --force to replace its model") from exc
 
 
+@without_xet()
 def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, force: bool = False) -> str:
     """Create the repo if needed and make its main the folder (files it lacks are deleted); returns the commit
     URL. A published model that serves a higher test balanced accuracy is kept unless `force`; the upload names
@@ -501,6 +517,7 @@ def example_images(folder: Path) -> list[Path]:
     return [path for path in paths if path.is_file()]
 
 
+@without_xet()
 def deploy_space(space_id: str, repo: Path, model: str | None = None, private: bool = False) -> str:
     """Make a Gradio Space's main exactly the demo: SPACE_FILES, the bundled model and its example images, with
     the binaries in the Hub's LFS/Xet storage (a git push of this repository is refused for its binary files).

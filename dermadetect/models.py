@@ -9,6 +9,7 @@ import timm
 import torch
 
 from .config import ModelConfig
+from .hub import without_xet
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ def create_backbone(model_name: str, num_classes: int, cfg: ModelConfig) -> torc
     if not cfg.pretrained:
         return timm.create_model(model_name, pretrained=False, **kwargs)
     try:
-        return _small_head(timm.create_model(model_name, pretrained=True, **kwargs))
+        with without_xet():
+            return _small_head(timm.create_model(model_name, pretrained=True, **kwargs))
     except Exception as exc:  # offline, no cache, or no pretrained tag for this name
         raise PretrainedWeightsError(
             f"could not get ImageNet weights for {model_name!r} from the Hugging Face Hub "

@@ -295,9 +295,13 @@ class HubHandler(BaseHTTPRequestHandler):
         if not blob.lfs:
             return self.send_content(blob.data, {**headers, "ETag": f'"{blob.oid}"'})
         location = self.hub.signed_url(f"/lfs/{repo_type}/{repo_id}/{blob.sha256}", filename=path.split("/")[-1])
+        # the Hub stores LFS files in Xet and says so, with where a Xet client gets its token; the redirect is
+        # the bridge for clients without Xet. This server has no Xet storage: a Xet client fails here
+        xet_auth = f"{self.hub.url}/api/{repo_type}s/{repo_id}/xet-read-token/{commit.sha}"
         self.send(302, f"Found. Redirecting to {location}".encode(), {
             **headers, "Location": location, "ETag": f'"{blob.oid}"', "X-Linked-Etag": f'"{blob.sha256}"',
-            "X-Linked-Size": len(blob.data)}, "text/plain; charset=utf-8")
+            "X-Linked-Size": len(blob.data), "X-Xet-Hash": blob.sha256, "Link": f'<{xet_auth}>; rel="xet-auth"'},
+            "text/plain; charset=utf-8")
 
     def serve_storage(self, parts: list[str]):
         """The CDN (GET /lfs/{repo}/{oid}) and S3 (PUT /upload/{repo}/{oid}) behind the Hub: signed URLs only."""
@@ -510,8 +514,7 @@ def client_env(hub: LocalHub, hf_home: Path | str) -> dict[str, str]:
     """The environment of a client subprocess that uses `hub` as its Hub, with a cache of its own under `hf_home`."""
     # the caller's HF_HUB_CACHE, HF_DATASETS_OFFLINE and the like would override HF_HOME or go offline
     env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE_"))}
-    # huggingface_hub 2.4 uploads through Xet whenever hf_xet is installed, without asking the server; it takes
-    # the Hub's LFS batch API, which this server speaks, only with Xet disabled. Downloads from this server are
-    # plain HTTP because it never advertises Xet; on the Hub, Xet-stored files download through hf_xet instead
+    # no HF_HUB_DISABLE_XET: this server advertises Xet as the Hub does and cannot serve it, so the project's
+    # own transfers must leave Xet aside themselves (hub.without_xet), as they must with the Hub
     return {**env, "HF_ENDPOINT": hub.url, "HF_HOME": str(hf_home), "HF_TOKEN": hub.token,
-            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}
+            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0"}

@@ -27,9 +27,10 @@ def hub():
 
 
 def run_client(code: str, env: dict, *args) -> dict:
-    """Run `code` in a new interpreter (huggingface_hub reads HF_ENDPOINT on import); it prints JSON last."""
-    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, capture_output=True, text=True,
-                            timeout=120)
+    """Run `code` in a new interpreter (huggingface_hub reads HF_ENDPOINT on import); it prints JSON last. The
+    client leaves Xet aside unless `env` says otherwise, as the project's transfers do: this server has no Xet."""
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], env={"HF_HUB_DISABLE_XET": "1", **env},
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -166,9 +167,7 @@ def test_errors_revisions_and_ranges_map_as_on_the_hub(hub, tmp_path):
     hub.add_repo("derma/model", {"config.json": b'{"version": 2}'}, message="second")
     hub.add_repo("derma/secret", {"config.json": b"{}"}, private=True)
 
-    # with Xet enabled, as users have it: downloads stay plain HTTP since the server advertises no Xet
-    env = {k: v for k, v in anonymous(client_env(hub, tmp_path / "hf")).items() if k != "HF_HUB_DISABLE_XET"}
-    answers = run_client(ERRORS, env, hub.token, first)
+    answers = run_client(ERRORS, anonymous(client_env(hub, tmp_path / "hf")), hub.token, first)
     for case, status, error in [("missing_repo", 401, "RepositoryNotFoundError"),
                                 ("bad_revision", 404, "RevisionNotFoundError"),
                                 ("parquet_ref", 404, "RevisionNotFoundError"),
@@ -185,6 +184,26 @@ def test_errors_revisions_and_ranges_map_as_on_the_hub(hub, tmp_path):
     assert not [path for _, path, _ in hub.requests if "xet" in path]
 
 
+XET_CLIENT = """
+import json
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError
+try:
+    hf_hub_download("derma/model", "weights.bin")
+    print(json.dumps("downloaded"))
+except HfHubHTTPError as exc:
+    print(json.dumps([exc.response.status_code, exc.response.url.path]))
+"""
+
+
+def test_lfs_files_are_announced_in_xet_which_this_hub_cannot_serve(hub, tmp_path):
+    """As on the Hub, an LFS file's answer names its Xet hash and token route; a client that takes Xet is
+    refused at once, so a project transfer that does not leave Xet aside fails here instead of on the Hub."""
+    first = hub.add_repo("derma/model", {"weights.bin": np.random.bytes(64)})
+    answer = run_client(XET_CLIENT, {**client_env(hub, tmp_path / "hf"), "HF_HUB_DISABLE_XET": "0"})
+    assert answer == [501, f"/api/models/derma/model/xet-read-token/{first}"]
+
+
 def test_lfs_downloads_redirect_to_signed_storage_urls(hub):
     weights = np.random.bytes(100)
     hub.add_repo("derma/model", {"weights.bin": weights})
@@ -193,6 +212,7 @@ def test_lfs_downloads_redirect_to_signed_storage_urls(hub):
     redirect = connection.getresponse()
     assert redirect.status == 302 and redirect.getheader("X-Linked-Size") == "100"
     assert redirect.getheader("X-Linked-Etag") == f'"{sha256(weights)}"'
+    assert redirect.getheader("X-Xet-Hash") and 'rel="xet-auth"' in redirect.getheader("Link")
     location = redirect.getheader("Location")
     assert urlsplit(location).netloc != urlsplit(hub.url).netloc  # another origin: clients send it no token
     assert urllib.request.urlopen(location).read() == weights
@@ -292,5 +312,7 @@ def test_timm_pretrained_resnet18_comes_from_the_hub_through_the_lfs_redirect(hu
     env = {**client_env(hub, tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
     assert run_client(TIMM_PRETRAINED, env, tmp_path / "model.safetensors") == {"same_keys": True, "equal": True}
     weights = sha256((tmp_path / "model.safetensors").read_bytes())
+    # a file announced in Xet is fetched from its resolve URL again, which redirects: the Hub's LFS bridge
     assert hub.requests == [("HEAD", "/timm/resnet18.a1_in1k/resolve/main/model.safetensors", 302),
+                            ("GET", "/timm/resnet18.a1_in1k/resolve/main/model.safetensors", 302),
                             ("GET", f"/lfs/model/timm/resnet18.a1_in1k/{weights}", 200)]
