@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import yaml
 import httpx2  # huggingface_hub's HTTP client: its transport errors mean "no answer"
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token, hf_hub_download, snapshot_download
 from huggingface_hub import constants as hub_constants
+from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.errors import (HFValidationError, HfHubHTTPError, LocalEntryNotFoundError,
                                    RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 from safetensors import SafetensorError
@@ -123,30 +125,33 @@ def without_xet():
         hub_constants.HF_HUB_DISABLE_XET = previous
 
 
+def _out_of_reach(exc: Exception) -> bool:
+    """No answer, or an answer that means "not now" (5xx, 408, 429), from the Hub or from its storage (the CDN
+    that serves the weights), as opposed to an answer about the request itself (a refused token, a missing repo)."""
+    if isinstance(exc, httpx2.TransportError):
+        return True
+    status = exc.response.status_code if isinstance(exc, HfHubHTTPError) else None
+    return status is not None and (status >= 500 or status in BUSY_STATUSES)
+
+
 @without_xet()
 def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
     """The model folder of a Hub repo (only MODEL_FILES: a repo may hold more) through huggingface_hub's cache.
-    One request with a short timeout asks the Hub first; when it gets no answer, or the Hub is down (5xx) or
-    busy (408, 429), the cache is used, as with HF_HUB_OFFLINE=1, and nothing is retried. snapshot_download gets
-    the revision as asked (not the commit), so that the cache remembers where `main` pointed for the next time
-    the Hub is out of reach."""
+    One request with a short timeout asks the Hub first; when the Hub or its storage is out of reach, the cache is
+    used, as with HF_HUB_OFFLINE=1, and nothing is retried. snapshot_download gets the revision as asked (not the
+    commit), so that the cache remembers where `main` pointed for the next time the Hub is out of reach."""
     where = f"{repo_id}@{revision or 'main'}"
     if hub_constants.HF_HUB_OFFLINE:
         return _cached_snapshot(repo_id, revision, where)
     try:
-        try:
-            HfApi().repo_info(repo_id, revision=revision, timeout=HUB_TIMEOUT)
-        except (RepositoryNotFoundError, RevisionNotFoundError):
-            raise
-        except (httpx2.TransportError, HfHubHTTPError) as exc:
-            status = exc.response.status_code if isinstance(exc, HfHubHTTPError) else None
-            if status is not None and status < 500 and status not in BUSY_STATUSES:
-                raise  # the Hub answered: a refused token, a disabled repo... not a reason to go offline
-            logger.info("the Hub did not answer for %s (%s): looking in the local cache", where, exc)
-            return _cached_snapshot(repo_id, revision, where)
+        cached = _cached_snapshot(repo_id, revision, where)
+    except HubUnreachable:
+        cached = None
+    try:
+        HfApi().repo_info(repo_id, revision=revision, timeout=HUB_TIMEOUT)
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=list(MODEL_FILES))
     except LocalEntryNotFoundError:  # the connection dropped after the first answer
-        return _cached_snapshot(repo_id, revision, where)
+        return _keep_cached(repo_id, revision, where, cached)
     except RepositoryNotFoundError as exc:
         raise HubRepoMissing(f"repo {repo_id} does not exist on the Hub, or is private (set HF_TOKEN)") from exc
     except RevisionNotFoundError as exc:
@@ -154,12 +159,27 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
                                "does, or drop @REVISION to use main") from exc
     except HFValidationError as exc:
         raise ModelSourceError(f"{repo_id!r} is not a Hub repo id: expected hf-hub:ORG/NAME[@REVISION]") from exc
-    except HfHubHTTPError as exc:
-        raise ModelSourceError(f"the Hub refused {where} (HTTP {exc.response.status_code}: "
-                               f"{exc.server_message or exc}); check HF_TOKEN") from exc
-    except httpx2.HTTPError as exc:
+    except (httpx2.HTTPError, HfHubHTTPError) as exc:
+        if _out_of_reach(exc):
+            logger.info("the Hub did not answer for %s (%s): serving the local cache", where, exc)
+            return _keep_cached(repo_id, revision, where, cached)
+        if isinstance(exc, HfHubHTTPError):  # the Hub answered: a refused token, a disabled repo...
+            raise ModelSourceError(f"the Hub refused {where} (HTTP {exc.response.status_code}: "
+                                   f"{exc.server_message or exc}); check HF_TOKEN") from exc
         raise HubUnreachable(f"the download of {where} broke off ({type(exc).__name__}); try again") from exc
     return Path(folder), f"{HUB_PREFIX}{repo_id}@{Path(folder).name}"
+
+
+def _keep_cached(repo_id: str, revision: str | None, where: str, cached: tuple[Path, str] | None):
+    """After a pull that did not finish: the snapshot cached before it. huggingface_hub points the cache's
+    refs/<revision> at the new commit before fetching its files, which would leave the next offline start a
+    partial snapshot, so the ref goes back to the cached commit (the cache layout is documented)."""
+    if cached is None:
+        return _cached_snapshot(repo_id, revision, where)
+    if not re.fullmatch(r"[0-9a-f]{40}", revision or ""):
+        ref = Path(hub_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs"
+        (ref / (revision or "main")).write_text(cached[0].name)
+    return cached
 
 
 def _cached_snapshot(repo_id: str, revision: str | None, where: str) -> tuple[Path, str]:

@@ -92,9 +92,13 @@ SKIN_CANCER_FEATURES = {"image": {"_type": "Image"}, "image_id": "string", "lesi
 
 
 def write_skin_cancer_repo(image_dir: Path, rows: list[dict], dst: Path) -> Path:
-    """A dataset repo laid out and typed as marmal88/skin_cancer: README.md with its dataset_info (features,
-    split sizes) and configs, train/validation/test parquet files as `datasets` writes them (images embedded),
-    word labels, and splits that share rows as the published ones do (13,354 rows for 10,015 images)."""
+    """A dataset repo laid out and typed as marmal88/skin_cancer (main at bdd59e1): parquet shards as
+    `datasets` pushed them in 2023 (data/<split>-0000k-of-0000n-<hash>.parquet, images embedded), a README.md
+    with dataset_info (features, split sizes) but no `configs`, so the splits come from the file names, the raw
+    HAM10000_metadata.csv beside them, word labels, and splits that share rows as the published ones do
+    (13,354 rows for 10,015 images)."""
+    import hashlib
+
     import datasets
     import yaml
 
@@ -103,22 +107,31 @@ def write_skin_cancer_repo(image_dir: Path, rows: list[dict], dst: Path) -> Path
     (dst / "data").mkdir(parents=True)
     n = len(rows)
     splits = []
-    for split, (start, stop) in (("train", (0, int(n * 0.8))), ("validation", (int(n * 0.6), n)),
-                                 ("test", (int(n * 0.5), n))):
+    for split, (start, stop), shards in (("train", (0, int(n * 0.8)), 5), ("validation", (int(n * 0.6), n), 2),
+                                         ("test", (int(n * 0.5), n), 1)):
         part = rows[start:stop]
-        table = datasets.Dataset.from_dict({
-            "image": [{"bytes": (image_dir / r["file_name"]).read_bytes(), "path": None} for r in part],
-            "image_id": [r["image_id"] for r in part], "lesion_id": [r["lesion_id"] for r in part],
-            "dx": [SKIN_CANCER_WORDS[r["dx"]] for r in part], "dx_type": [r["dx_type"] for r in part],
-            "age": [float(r["age"]) if r["age"] else None for r in part], "sex": [r["sex"] for r in part],
-            "localization": [r["localization"] for r in part]}, features=features)
-        size = table.to_parquet(str(dst / "data" / f"{split}-00000-of-00001.parquet"))
+        size = 0
+        shards = min(shards, len(part))
+        for k in range(shards):
+            shard = part[k * len(part) // shards:(k + 1) * len(part) // shards]
+            table = datasets.Dataset.from_dict({
+                "image": [{"bytes": (image_dir / r["file_name"]).read_bytes(), "path": None} for r in shard],
+                "image_id": [r["image_id"] for r in shard], "lesion_id": [r["lesion_id"] for r in shard],
+                "dx": [SKIN_CANCER_WORDS[r["dx"]] for r in shard], "dx_type": [r["dx_type"] for r in shard],
+                "age": [float(r["age"]) if r["age"] else None for r in shard], "sex": [r["sex"] for r in shard],
+                "localization": [r["localization"] for r in shard]}, features=features)
+            staged = dst / "data" / f"{split}.staged"
+            size += table.to_parquet(str(staged))
+            digest = hashlib.sha256(staged.read_bytes()).hexdigest()[:16]
+            staged.rename(dst / "data" / f"{split}-{k:05d}-of-{shards:05d}-{digest}.parquet")
         splits.append({"name": split, "num_bytes": float(size), "num_examples": len(part)})
+    columns = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
+    with open(dst / "HAM10000_metadata.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows([r[c] for c in columns] for r in rows)
     card = {"dataset_info": {"features": [{"name": name, "dtype": "image" if isinstance(kind, dict) else kind}
-                                          for name, kind in SKIN_CANCER_FEATURES.items()], "splits": splits},
-            "configs": [{"config_name": "default",
-                         "data_files": [{"split": s["name"], "path": f"data/{s['name']}-*"} for s in splits]}],
-            "tags": ["skin_cancer", "HAM10000"], "pretty_name": "HAM10000"}
+                                          for name, kind in SKIN_CANCER_FEATURES.items()], "splits": splits}}
     (dst / "README.md").write_text(f"---\n{yaml.safe_dump(card, sort_keys=False)}---\n# Dataset Card for \"skin_cancer\"\n")
     return dst
 

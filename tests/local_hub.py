@@ -128,6 +128,7 @@ class LocalHub:
         self.token = token
         self.requests: list[tuple[str, str, int]] = []
         self.outage: int | None = None  # e.g. 503 (down) or 429 (rate limit) for every request; storage serves
+        self.storage_outage: int | None = None  # the same for the storage origin alone (the CDN), the Hub answering
         self._repos: dict[tuple[str, str], Repo] = {}
         self._lock = threading.RLock()
         self._secret = secrets.token_bytes(16)
@@ -215,6 +216,8 @@ class HubHandler(BaseHTTPRequestHandler):
         self.body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         parts = [unquote(part) for part in url.path.strip("/").split("/")]
         if self.storage:
+            if self.hub.storage_outage:
+                return self.error(self.hub.storage_outage, None, HTTPStatus(self.hub.storage_outage).phrase)
             return self.serve_storage(parts)
         if self.hub.outage:  # the Hub is down: every request gets the status it answers with then
             return self.error(self.hub.outage, None, HTTPStatus(self.hub.outage).phrase)

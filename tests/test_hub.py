@@ -145,6 +145,18 @@ def test_hub_outage_serves_the_cache_and_a_refused_token_is_an_error(local_hub, 
         uncached = load_in_subprocess("hf-hub:test/pickle-only", image, local_hub, tmp_path / "hf")
         assert uncached["type"] == "HubUnreachable" and "not reachable" in uncached["error"], status
     local_hub.outage = None
+    # the Hub answers but its storage (the CDN) is down: as with the Hub down, never a token problem
+    local_hub.add_repo("test/model", {"examples/later.jpg": Path(image).read_bytes() + b"\0"})  # a new blob
+    local_hub.add_repo("test/copy", {p: local_hub.files("test/model")[p] for p in ("config.json", "model.safetensors")})
+    local_hub.storage_outage = 503
+    down = load_in_subprocess("hf-hub:test/model", image, local_hub, tmp_path / "hf")
+    assert down.get("folder") == cached["folder"] and down["probs"] == cached["probs"], down
+    uncached = load_in_subprocess("hf-hub:test/copy", image, local_hub, tmp_path / "hf")
+    assert uncached["type"] == "HubUnreachable", uncached
+    local_hub.storage_outage = None
+    # the pull that broke off left main on the cached commit: offline, the cache still serves it
+    offline = load_in_subprocess("hf-hub:test/model", image, local_hub, tmp_path / "hf", offline=True)
+    assert offline.get("folder") == cached["folder"], offline
     refused = load_in_subprocess("hf-hub:test/model", image, local_hub, tmp_path / "hf2", HF_TOKEN="hf_revoked")
     assert refused["type"] == "ModelSourceError" and "HTTP 401" in refused["error"] and "HF_TOKEN" in refused["error"]
 
