@@ -516,10 +516,20 @@ def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, force: 
                                    commit_message=f"Upload DermaDetect model from {Path(folder).parent.name}")
     except HubPushError:
         raise
-    except Exception as exc:  # network, permissions: the local folder is intact either way
-        raise HubPushError(f"could not push {folder} to {repo_id} ({type(exc).__name__}: {exc}); "
-                           "the local export is complete, push it again later") from exc
+    except Exception as exc:  # the local folder is intact either way
+        raise write_refused(exc, repo_id) or HubPushError(
+            f"could not push {folder} to {repo_id} ({type(exc).__name__}: {exc}); the local export is complete, "
+            "push it again later") from exc
     return commit.commit_url
+
+
+def write_refused(exc: Exception, repo_id: str) -> HubPushError | None:
+    """The error to raise when the Hub refused the token the right to write (401, 403): retrying cannot help."""
+    if not (isinstance(exc, HfHubHTTPError) and exc.response.status_code in (401, 403)):
+        return None
+    return HubPushError(f"the Hub refused to write to {repo_id} (HTTP {exc.response.status_code}: "
+                        f"{exc.server_message or exc}): use a token (HF_TOKEN or `hf auth login`) with write access "
+                        f"to {repo_id.split('/')[0]}")
 
 
 def example_images(folder: Path) -> list[Path]:
@@ -572,8 +582,8 @@ def deploy_space(space_id: str, repo: Path, model: str | None = None, private: b
                 api.add_space_variable(space_id, "DERMADETECT_MODEL", model,
                                        description="the model the demo serves (app.py)")
         except Exception as exc:  # network, permissions, metadata the Hub refuses
-            raise HubPushError(f"could not deploy the demo to the Space {space_id} ({type(exc).__name__}: "
-                               f"{exc})") from exc
+            raise write_refused(exc, space_id) or HubPushError(
+                f"could not deploy the demo to the Space {space_id} ({type(exc).__name__}: {exc})") from exc
     return commit.commit_url
 
 

@@ -124,8 +124,9 @@ class LocalHub:
     (`storage_url`), as the Hub's comes from its CDN. Writes need `Authorization: Bearer <token>`; `requests` logs
     (method, path, status) of both servers."""
 
-    def __init__(self, token: str = "hf_local_test_token"):
+    def __init__(self, token: str = "hf_local_test_token", orgs: set[str] | None = None):
         self.token = token
+        self.orgs = orgs  # the organisations the token's user belongs to; None: every one in use
         self.requests: list[tuple[str, str, int]] = []
         self.outage: int | None = None  # e.g. 503 (down) or 429 (rate limit) for every request; storage serves
         self.storage_outage: int | None = None  # the same for the storage origin alone (the CDN), the Hub answering
@@ -161,6 +162,9 @@ class LocalHub:
                 data = Path(content).read_bytes() if isinstance(content, Path) else content
                 tree[path] = Blob(data, stores_in_lfs(path, len(data), data[:512], GITATTRIBUTES))
             return repo.commit("main", tree, message).sha
+
+    def member_of(self, namespace: str) -> bool:
+        return namespace == USER or self.orgs is None or namespace in self.orgs
 
     def commits(self, repo_id: str, repo_type: str = "model") -> list[str]:
         """The shas of main's history, oldest first."""
@@ -276,9 +280,12 @@ class HubHandler(BaseHTTPRequestHandler):
         if write and not self.authenticated:
             return self.error(401, None, "Invalid username or password.")
         repo = self.hub._repos.get((repo_type, repo_id))
-        if repo is None or (repo.private and not self.authenticated):
+        member = self.authenticated and self.hub.member_of(repo_id.split("/")[0])
+        if repo is None or (repo.private and not member):
             # 401 to anonymous callers, as on the Hub, so that they cannot tell private from missing
             return self.error(404 if self.authenticated else 401, "RepoNotFound", "Repository not found")
+        if write and not member:
+            return self.error(403, None, f"You don't have the rights to write to {repo_id}")
         return repo
 
     def find_commit(self, repo: Repo, revision: str) -> Commit | None:
@@ -347,8 +354,9 @@ class HubHandler(BaseHTTPRequestHandler):
     # --- /api
 
     def serve_api(self, parts: list[str]):
-        if parts == ["whoami-v2"] and self.authenticated:  # the user is a member of every namespace in use
-            orgs = sorted({repo_id.split("/")[0] for _, repo_id in self.hub._repos} - {USER})
+        if parts == ["whoami-v2"] and self.authenticated:
+            orgs = sorted(self.hub.orgs if self.hub.orgs is not None else
+                          {repo_id.split("/")[0] for _, repo_id in self.hub._repos} - {USER})
             return self.json({"type": "user", "name": USER, "orgs": [{"type": "org", "name": org} for org in orgs],
                               "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
         if parts == ["whoami-v2"]:
@@ -394,6 +402,9 @@ class HubHandler(BaseHTTPRequestHandler):
         repo_type, repo_id = request.get("type") or "model", f"{request.get('organization') or USER}/{request['name']}"
         if repo_type not in URL_PREFIX:
             return self.error(400, None, f"This local Hub serves models, datasets and Spaces, not {repo_type}s")
+        if not self.hub.member_of(repo_id.split("/")[0]):
+            return self.error(403, None, f"You don't have the rights to create a {repo_type} under the namespace "
+                                         f"\"{repo_id.split('/')[0]}\"")
         if repo_type == "space" and request.get("sdk") not in SPACE_SDKS:
             return self.error(400, None, f"A Space needs an sdk, one of {', '.join(SPACE_SDKS)}")
         url = f"{self.hub.url}/{URL_PREFIX[repo_type]}{repo_id}"

@@ -220,13 +220,23 @@ def test_push_keeps_a_published_model_that_serves_better(smoke_run, tmp_path):
         assert files == {str(p.relative_to(export)): p.read_bytes() for p in export.rglob("*") if p.is_file()}
 
 
-def test_push_without_token_fails_clearly_after_export(smoke_run, tmp_path):
+def test_push_without_token_or_rights_fails_clearly_after_export(smoke_run, tmp_path):
     run = copy_run_exports(smoke_run, tmp_path / "run")
-    with LocalHub() as hub:
+    with LocalHub(orgs={"derma"}) as hub:
         env = client_env(hub, tmp_path / "hf")
-        del env["HF_TOKEN"]
-        result = subprocess.run([sys.executable, "-c", PUSH, str(run), "derma/dd", "resnet18"], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1
-    assert "no Hugging Face token" in result.stderr and "the local export is complete" in result.stderr
+
+        def push(prefix: str, **env_changes) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-c", PUSH, str(run), prefix, "resnet18"], cwd=REPO,
+                                  env={**env, **env_changes}, capture_output=True, text=True, timeout=300)
+
+        result = push("derma/dd", HF_TOKEN="")
+        assert result.returncode == 1
+        assert "no Hugging Face token" in result.stderr and "the local export is complete" in result.stderr
+        # someone else's repo, and a namespace the user is not in: the Hub refuses (403), retrying cannot help
+        before = hub.add_repo("other/dd-resnet18", {"README.md": b"theirs"})
+        for prefix in ("other/dd", "stranger/dd"):
+            result = push(prefix)
+            assert result.returncode == 1 and "HTTP 403" in result.stderr, result.stderr[-2000:]
+            assert "with write access to " + prefix.split("/")[0] in result.stderr and "again later" not in result.stderr
+        assert hub.commits("other/dd-resnet18") == [before] and ("model", "stranger/dd-resnet18") not in hub._repos
     assert (run / "resnet18" / "export" / "model.safetensors").is_file()

@@ -16,14 +16,14 @@ from local_hub import LocalHub, client_env
 SPACE = "someone/dermadetect-demo"
 
 
-def deploy(env: dict, *args: str, repo: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dermadetect", "space", SPACE, "--repo", str(repo), *args],
+def deploy(env: dict, *args: str, repo: Path = REPO, space: str = SPACE) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dermadetect", "space", space, "--repo", str(repo), *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture
 def hub():
-    with LocalHub() as hub:
+    with LocalHub(orgs={SPACE.split("/")[0]}) as hub:
         yield hub
 
 
@@ -52,9 +52,11 @@ def test_deployed_space_runs_the_demo_from_its_own_files(hub, ham224, tmp_path):
     for path, data in hub.files(SPACE, repo_type="space").items():
         (folder / path).parent.mkdir(parents=True, exist_ok=True)
         (folder / path).write_bytes(data)
-    space_env = {key: value for key, value in env.items() if key not in ("DERMADETECT_DATA", "PYTHONPATH")}
+    # a public Space runs without a token: the Hub answers the missing default model with 401, not 404
+    space_env = {key: value for key, value in env.items() if key not in ("DERMADETECT_DATA", "PYTHONPATH", "HF_TOKEN")}
     with App(space_env, folder) as app:
-        assert served_model(app) == f"bundled: {bundled}"  # the default model is not on this Hub
+        assert served_model(app) == f"bundled: {bundled}"
+        assert "is not on the Hub yet" in app.text("fallback-notice")
         shown = app.examples()
         assert len(shown) == 7
         chart, overlay, summary = app.predict(str(folder / examples[0]))
@@ -73,6 +75,9 @@ def test_deploy_refusals_are_one_error_line(hub, ham224, tmp_path):
     # a model that is not on the Hub cannot be a Space's model
     result = deploy(env, "--model", "runs/x/convnextv2_nano/export")
     assert result.returncode == 2 and "hf-hub:ORG/NAME" in result.stderr
+    # a namespace the token's user is not in
+    result = deploy(env, space="stranger/demo")
+    assert result.returncode == 2 and "HTTP 403" in result.stderr and "write access to stranger" in result.stderr
     # README metadata the Hub refuses (a hex colour) is reported, and the Space keeps what it had
     checkout = tmp_path / "checkout"
     checkout.mkdir()
