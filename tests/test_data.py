@@ -219,7 +219,9 @@ def test_bad_rows_give_one_clear_error(bad_folder):
     assert "--skip-bad-images" in message
 
 
-def test_skip_bad_images_drops_and_reports(bad_folder):
+@pytest.mark.parametrize("chunk", [256, 1])  # 1: a chunk per image, the row numbers must carry over
+def test_skip_bad_images_drops_and_reports(bad_folder, chunk, monkeypatch):
+    monkeypatch.setattr("dermadetect.data.VALIDATION_CHUNK", chunk)
     root, rows = bad_folder
     with pytest.warns(UserWarning, match=r"too few images of .*\(3\).* 4 folds"):
         data = load_lesion_data(DataConfig(data_dir=str(root), skip_bad_images=True, val_fraction=0.25), seed=0)
