@@ -65,8 +65,9 @@ def main(argv=None) -> int:
     space = commands.add_parser("space", help="deploy the demo (app, package, bundled model, its examples) to a "
                                                "Gradio Space; token: HF_TOKEN")
     space.add_argument("space_id", metavar="ORG/NAME", help="the Space; created if it does not exist")
-    space.add_argument("--model", help="hf-hub:ORG/NAME[@REV], set as the Space variable DERMADETECT_MODEL "
-                                       "(default: leave it; the app then serves its default model)")
+    space.add_argument("--model", help="hf-hub:ORG/NAME[@REV], checked on the Hub and set as the Space variable "
+                                       "DERMADETECT_MODEL (default: the variable stays as it is; a Space without "
+                                       "it serves app.py's default model)")
     space.add_argument("--private", action="store_true", help="create the Space as private")
     space.add_argument("--repo", default=".", help="repository root (default: .)")
     sweep = commands.add_parser("sweep-table", help="the generated table (README.md or docs/) of a committed settings sweep")
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
         write_readme_block(Path(args.repo), Path(args.folder).name, sweep_markdown(Path(args.folder), args.reference))
         return 0
     if args.command == "space":
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
         try:
             url = deploy_space(args.space_id, Path(args.repo), args.model, args.private)
         except HubPushError as exc:

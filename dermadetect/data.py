@@ -24,7 +24,7 @@ from timm.data import create_transform, resolve_model_data_config
 from torchvision import transforms as T
 
 from .config import DataConfig
-from .hub import without_xet
+from .transfer import without_xet
 from .labels import HAM10000_CLASSES, accepted_spellings, ham10000_code
 from .shift import RandomShift
 
@@ -34,7 +34,7 @@ REQUIRED_COLUMNS = ("image", "image_id", "lesion_id", "dx")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SPLIT_NAMES = ("train", "validation", "test")
 MAX_LISTED_PROBLEMS = 20
-VALIDATION_CHUNK = 256  # images checked per step
+VALIDATION_CHUNK = 256  # encoded images in memory at once while checking them (a few MB of JPEG)
 
 
 class BadDataError(ValueError):

@@ -6,11 +6,9 @@ pretrained_cfg that reproduces the eval transform) and `model.safetensors`. Noth
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from timm.models import get_pretrained_cfg, save_for_hf
 
 from .labels import readable_name
 from .posthoc import OOD_FILE, DermoscopyGuard, PostHocSettings, SettingsError
+from .transfer import without_xet
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -40,8 +39,8 @@ MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, OOD_FILE, "README.md", "analysis.json"
 HUB_TIMEOUT = 5.0  # seconds for the first request to the Hub, which normally answers in well under a second
 EXPORT_LICENSE = "cc-by-nc-4.0"   # the terms of the training data (HAM10000)
 EXPORT_TAG = "ham10000"
-# What a Space runs the demo from (README.md is its card and settings); with the bundled model, nothing else
-SPACE_FILES = ("README.md", "LICENSE", "app.py", "requirements.txt", "dermadetect/*.py")
+# What a Space runs the demo from (README.md is its card and settings, linking to docs/); with the bundled model
+SPACE_FILES = ("README.md", "LICENSE", "app.py", "requirements.txt", "dermadetect/*.py", "docs/*.md")
 
 logger = logging.getLogger(__name__)
 
@@ -112,19 +111,6 @@ def resolve_folder(source: str) -> tuple[Path, str]:
 BUSY_STATUSES = (408, 429)  # a timeout or rate limit: the Hub is out of reach for now, as with a 5xx
 
 
-@contextlib.contextmanager
-def without_xet():
-    """Hub transfers over plain HTTPS, the LFS path the Hub keeps for clients without hf_xet, instead of Xet:
-    hf_xet fails with a RuntimeError after minutes of retries, which would defeat the short fallback to the cache,
-    and this is the protocol the tests' local Hub speaks. huggingface_hub reads the flag at each transfer."""
-    previous = hub_constants.HF_HUB_DISABLE_XET
-    hub_constants.HF_HUB_DISABLE_XET = True
-    try:
-        yield
-    finally:
-        hub_constants.HF_HUB_DISABLE_XET = previous
-
-
 def _out_of_reach(exc: Exception) -> bool:
     """No answer, or an answer that means "not now" (5xx, 408, 429), from the Hub or from its storage (the CDN
     that serves the weights), as opposed to an answer about the request itself (a refused token, a missing repo)."""
@@ -138,20 +124,18 @@ def _out_of_reach(exc: Exception) -> bool:
 def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
     """The model folder of a Hub repo (only MODEL_FILES: a repo may hold more) through huggingface_hub's cache.
     One request with a short timeout asks the Hub first; when the Hub or its storage is out of reach, the cache is
-    used, as with HF_HUB_OFFLINE=1, and nothing is retried. snapshot_download gets the revision as asked (not the
-    commit), so that the cache remembers where `main` pointed for the next time the Hub is out of reach."""
+    used, as with HF_HUB_OFFLINE=1, and nothing is retried. The cache remembers where the revision pointed (for
+    the next time the Hub is out of reach) only once that commit's folder is complete."""
     where = f"{repo_id}@{revision or 'main'}"
     if hub_constants.HF_HUB_OFFLINE:
         return _cached_snapshot(repo_id, revision, where)
     try:
-        cached = _cached_snapshot(repo_id, revision, where)
-    except HubUnreachable:
-        cached = None
-    try:
-        HfApi().repo_info(repo_id, revision=revision, timeout=HUB_TIMEOUT)
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=list(MODEL_FILES))
+        commit = HfApi().repo_info(repo_id, revision=revision, timeout=HUB_TIMEOUT).sha
+        # by commit: asked for a branch, huggingface_hub points the cache's ref at the new commit before fetching
+        # its files, and a pull cut short (outage, kill, full disk) would leave later offline starts nothing
+        folder = snapshot_download(repo_id, revision=commit, allow_patterns=list(MODEL_FILES))
     except LocalEntryNotFoundError:  # the connection dropped after the first answer
-        return _keep_cached(repo_id, revision, where, cached)
+        return _cached_snapshot(repo_id, revision, where)
     except RepositoryNotFoundError as exc:
         raise HubRepoMissing(f"repo {repo_id} does not exist on the Hub, or is private (set HF_TOKEN)") from exc
     except RevisionNotFoundError as exc:
@@ -162,24 +146,24 @@ def _snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
     except (httpx2.HTTPError, HfHubHTTPError) as exc:
         if _out_of_reach(exc):
             logger.info("the Hub did not answer for %s (%s): serving the local cache", where, exc)
-            return _keep_cached(repo_id, revision, where, cached)
+            return _cached_snapshot(repo_id, revision, where)
         if isinstance(exc, HfHubHTTPError):  # the Hub answered: a refused token, a disabled repo...
             raise ModelSourceError(f"the Hub refused {where} (HTTP {exc.response.status_code}: "
                                    f"{exc.server_message or exc}); check HF_TOKEN") from exc
         raise HubUnreachable(f"the download of {where} broke off ({type(exc).__name__}); try again") from exc
+    _remember(repo_id, revision or "main", commit)
     return Path(folder), f"{HUB_PREFIX}{repo_id}@{Path(folder).name}"
 
 
-def _keep_cached(repo_id: str, revision: str | None, where: str, cached: tuple[Path, str] | None):
-    """After a pull that did not finish: the snapshot cached before it. huggingface_hub points the cache's
-    refs/<revision> at the new commit before fetching its files, which would leave the next offline start a
-    partial snapshot, so the ref goes back to the cached commit (the cache layout is documented)."""
-    if cached is None:
-        return _cached_snapshot(repo_id, revision, where)
-    if not re.fullmatch(r"[0-9a-f]{40}", revision or ""):
-        ref = Path(hub_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs"
-        (ref / (revision or "main")).write_text(cached[0].name)
-    return cached
+def _remember(repo_id: str, revision: str, commit: str) -> None:
+    """Point the cache's refs/<revision> at a complete commit, atomically (huggingface_hub's documented layout)."""
+    if revision == commit:
+        return
+    ref = Path(hub_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "refs" / revision
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    partial = ref.with_name(f"{ref.name}.{os.getpid()}.partial")
+    partial.write_text(commit)
+    os.replace(partial, ref)
 
 
 def _cached_snapshot(repo_id: str, revision: str | None, where: str) -> tuple[Path, str]:
@@ -551,7 +535,8 @@ def example_images(folder: Path) -> list[Path]:
 def deploy_space(space_id: str, repo: Path, model: str | None = None, private: bool = False) -> str:
     """Make a Gradio Space's main exactly the demo: SPACE_FILES, the bundled model and its example images, with
     the binaries in the Hub's LFS/Xet storage (a git push of this repository is refused for its binary files).
-    `model` (hf-hub:ORG/NAME[@REV]) becomes the Space variable DERMADETECT_MODEL. Returns the commit URL."""
+    `model` (hf-hub:ORG/NAME[@REV], checked on the Hub first) becomes the Space variable DERMADETECT_MODEL; without
+    it the variable stays as it is. Returns the commit URL."""
     if model is not None and not model.startswith(HUB_PREFIX):
         raise HubPushError(f"--model {model}: a Space serves a model from the Hub; give {HUB_PREFIX}ORG/NAME[@REV]")
     if get_token() is None:
@@ -559,11 +544,17 @@ def deploy_space(space_id: str, repo: Path, model: str | None = None, private: b
     bundled = min((repo / "models").glob("dermadetect-*"), default=None)
     if bundled is None or not (repo / "app.py").is_file():
         raise HubPushError(f"{repo} is not a DermaDetect checkout with a bundled model (models/dermadetect-*)")
-    listed = json.loads((bundled / "examples.json").read_text()) if (bundled / "examples.json").is_file() else []
-    examples = example_images(bundled)
+    try:
+        listed = json.loads((bundled / "examples.json").read_text()) if (bundled / "examples.json").is_file() else []
+        examples = example_images(bundled)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise HubPushError(f"{bundled}/examples.json is damaged ({exc}); publish the bundled model again") from exc
     if len(examples) < len(listed):
         raise HubPushError(f"the bundled model lists {len(listed)} example images and {len(examples)} were found: "
                            "set DERMADETECT_DATA to the folder holding ham10000-224/, whose test images they are")
+    api = HfApi()
+    if model is not None:
+        _check_space_model(api, model)
     with tempfile.TemporaryDirectory() as stage:
         stage = Path(stage)
         for path in sorted(p for pattern in SPACE_FILES for p in repo.glob(pattern)):
@@ -573,18 +564,32 @@ def deploy_space(space_id: str, repo: Path, model: str | None = None, private: b
         (stage / "models" / bundled.name / "examples").mkdir(exist_ok=True)
         for image in examples:
             shutil.copy2(image, stage / "models" / bundled.name / "examples" / image.name)
-        api = HfApi()
         try:
             api.create_repo(space_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
-            commit = api.upload_folder(repo_id=space_id, repo_type="space", folder_path=str(stage),
-                                       delete_patterns="*", commit_message="Deploy the DermaDetect demo")
-            if model is not None:
+            if model is not None:  # before the upload, so that the Space builds once, with it
                 api.add_space_variable(space_id, "DERMADETECT_MODEL", model,
                                        description="the model the demo serves (app.py)")
+            commit = api.upload_folder(repo_id=space_id, repo_type="space", folder_path=str(stage),
+                                       delete_patterns="*", commit_message="Deploy the DermaDetect demo")
         except Exception as exc:  # network, permissions, metadata the Hub refuses
             raise write_refused(exc, space_id) or HubPushError(
                 f"could not deploy the demo to the Space {space_id} ({type(exc).__name__}: {exc})") from exc
     return commit.commit_url
+
+
+def _check_space_model(api: HfApi, model: str) -> None:
+    """A Space whose DERMADETECT_MODEL is not on the Hub fails to start: refuse it before anything changes."""
+    repo_id, revision = _hub_ref(model)
+    try:
+        info = api.model_info(repo_id, revision=revision)
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        raise HubPushError(f"{model} is not on the Hub, or this token cannot read it: push the model first "
+                           "(python -m dermadetect export RUN --push-to-hub ORG/PREFIX)") from exc
+    except Exception as exc:
+        raise HubPushError(f"could not check {model} on the Hub ({type(exc).__name__}: {exc})") from exc
+    if info.private:
+        logger.warning("%s is private: the Space reads it only with an HF_TOKEN secret that can read it "
+                       "(the Space's settings)", model)
 
 
 class HubPushError(RuntimeError):

@@ -9,7 +9,7 @@ import timm
 import torch
 
 from .config import ModelConfig
-from .hub import without_xet
+from .transfer import without_xet
 
 logger = logging.getLogger(__name__)
 

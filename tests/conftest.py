@@ -243,8 +243,9 @@ class App:
 
     def __init__(self, env: dict, folder: Path = REPO):
         self.url = f"http://127.0.0.1:{free_port()}/"
-        self.process = subprocess.Popen([sys.executable, str(folder / "app.py"), "--port", self.url.split(":")[-1][:-1]],
-                                        cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        port = self.url.split(":")[-1][:-1]
+        self.process = subprocess.Popen([sys.executable, str(folder / "app.py"), "--port", port], cwd=folder, env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 300
         while True:
             if self.process.poll() is not None:

@@ -6,10 +6,12 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import yaml
+from huggingface_hub import constants as hub_constants
 
 from app import BUNDLED_MODEL
 from conftest import REPO
@@ -17,6 +19,7 @@ from local_hub import LocalHub, client_env
 from dermadetect.config import DEFAULT_BACKBONES, RunConfig
 from dermadetect.hub import CARD_METRICS
 from dermadetect.report import read_backbone_row, write_comparison
+from dermadetect.transfer import without_xet
 
 
 def front_matter(card_text: str) -> dict:
@@ -237,6 +240,27 @@ def test_push_without_token_or_rights_fails_clearly_after_export(smoke_run, tmp_
         for prefix in ("other/dd", "stranger/dd"):
             result = push(prefix)
             assert result.returncode == 1 and "HTTP 403" in result.stderr, result.stderr[-2000:]
-            assert "with write access to " + prefix.split("/")[0] in result.stderr and "again later" not in result.stderr
+            assert f"with write access to {prefix.split('/')[0]}" in result.stderr
+            assert "again later" not in result.stderr
         assert hub.commits("other/dd-resnet18") == [before] and ("model", "stranger/dd-resnet18") not in hub._repos
     assert (run / "resnet18" / "export" / "model.safetensors").is_file()
+
+
+def test_xet_stays_off_while_any_transfer_runs(monkeypatch):
+    """Overlapping transfers in two threads: the first to end must not turn Xet back on under the other."""
+    monkeypatch.setattr(hub_constants, "HF_HUB_DISABLE_XET", False)
+    started, first_done, seen = threading.Event(), threading.Event(), []
+
+    def second():
+        with without_xet():
+            started.set()
+            first_done.wait(10)
+            seen.append(hub_constants.HF_HUB_DISABLE_XET)
+
+    with without_xet():
+        thread = threading.Thread(target=second)
+        thread.start()
+        started.wait(10)
+    first_done.set()
+    thread.join(10)
+    assert seen == [True] and hub_constants.HF_HUB_DISABLE_XET is False

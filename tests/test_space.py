@@ -27,20 +27,25 @@ def hub():
         yield hub
 
 
-def test_deployed_space_runs_the_demo_from_its_own_files(hub, ham224, tmp_path):
+MODEL = "someone/dermadetect-convnextv2_nano"
+
+
+def test_deployed_space_runs_the_demo_from_its_own_files(hub, ham224, tiny_export, tmp_path):
     env = {**client_env(hub, tmp_path / "hf"), "DERMADETECT_DATA": str(ham224.parent)}
-    result = deploy(env, "--model", "hf-hub:someone/dermadetect-convnextv2_nano")
+    pushed = hub.add_repo(MODEL, {str(p.relative_to(tiny_export)): p for p in tiny_export.rglob("*") if p.is_file()})
+    result = deploy(env, "--model", f"hf-hub:{MODEL}")
     assert result.returncode == 0, result.stderr
     space = hub._repos[("space", SPACE)]
     tree = space.resolve("main").tree
     bundled = next(p.split("/")[1] for p in tree if p.startswith("models/"))
     # the demo and nothing of the study; weights and images in LFS, as the Hub takes binary files
-    assert {"README.md", "LICENSE", "app.py", "requirements.txt", "dermadetect/inference.py"} <= set(tree)
-    assert not any(p.startswith(("tests/", "results/", "configs/", "docs/", "benchmarks/")) for p in tree)
+    demo = {"README.md", "LICENSE", "app.py", "requirements.txt", "dermadetect/inference.py", "docs/usage.md"}
+    assert demo <= set(tree)
+    assert not any(p.startswith(("tests/", "results/", "configs/", "benchmarks/")) for p in tree)
     examples = [p for p in tree if p.startswith(f"models/{bundled}/examples/")]
     assert len(examples) == 7 and all(tree[p].lfs for p in examples)
     assert tree[f"models/{bundled}/model.safetensors"].lfs and not tree["app.py"].lfs
-    assert space.variables["DERMADETECT_MODEL"]["value"] == "hf-hub:someone/dermadetect-convnextv2_nano"
+    assert space.variables["DERMADETECT_MODEL"]["value"] == f"hf-hub:{MODEL}"
 
     # a second deploy makes main exactly the demo again: what an earlier one left is deleted
     hub.add_repo(SPACE, {"old_app.py": b"print('old')\n"}, repo_type="space")
@@ -61,6 +66,9 @@ def test_deployed_space_runs_the_demo_from_its_own_files(hub, ham224, tmp_path):
         assert len(shown) == 7
         chart, overlay, summary = app.predict(str(folder / examples[0]))
         assert len(chart["confidences"]) == 7 and "not a diagnosis" in summary
+    # with the variable the deploy set, the Space serves the pushed model
+    with App({**space_env, "DERMADETECT_MODEL": space.variables["DERMADETECT_MODEL"]["value"]}, folder) as app:
+        assert served_model(app) == f"{MODEL}@{pushed}" and not app.text("fallback-notice").strip()
 
 
 def test_deploy_refusals_are_one_error_line(hub, ham224, tmp_path):
@@ -72,9 +80,11 @@ def test_deploy_refusals_are_one_error_line(hub, ham224, tmp_path):
     # no token
     result = deploy({key: value for key, value in env.items() if key != "HF_TOKEN"})
     assert result.returncode == 2 and "no Hugging Face token" in result.stderr
-    # a model that is not on the Hub cannot be a Space's model
+    # a model that is not on the Hub cannot be a Space's model: the Space would not start
     result = deploy(env, "--model", "runs/x/convnextv2_nano/export")
     assert result.returncode == 2 and "hf-hub:ORG/NAME" in result.stderr
+    result = deploy(env, "--model", "hf-hub:someone/not-pushed-yet")
+    assert result.returncode == 2 and "is not on the Hub" in result.stderr and ("space", SPACE) not in hub._repos
     # a namespace the token's user is not in
     result = deploy(env, space="stranger/demo")
     assert result.returncode == 2 and "HTTP 403" in result.stderr and "write access to stranger" in result.stderr
