@@ -24,9 +24,9 @@ from timm.data import create_transform, resolve_model_data_config
 from torchvision import transforms as T
 
 from .config import DataConfig
-from .transfer import without_xet
 from .labels import HAM10000_CLASSES, accepted_spellings, ham10000_code
 from .shift import RandomShift
+from .transfer import without_xet
 
 logger = logging.getLogger(__name__)
 

@@ -242,10 +242,10 @@ class App:
     """`python app.py` of `folder` in its own process, as a Space runs it; the page's config and the API over HTTP."""
 
     def __init__(self, env: dict, folder: Path = REPO):
-        self.url = f"http://127.0.0.1:{free_port()}/"
-        port = self.url.split(":")[-1][:-1]
-        self.process = subprocess.Popen([sys.executable, str(folder / "app.py"), "--port", port], cwd=folder, env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}/"
+        self.process = subprocess.Popen([sys.executable, str(folder / "app.py"), "--port", str(port)], cwd=folder,
+                                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 300
         while True:
             if self.process.poll() is not None:
