@@ -23,8 +23,8 @@ from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader
 
 from dermadetect.config import DEFAULT_HUB_DATASET, RunConfig, replace_nested, section_fields
-from dermadetect.data import (BadDataError, LesionData, as_torch_dataset, build_transforms, class_weights,
-                              collate, guard_photo_files, load_lesion_data)
+from dermadetect.data import (BadDataError, LabelledImages, LesionData, build_transforms, class_weights,
+                              collate, guard_photo_files, load_lesion_data, yield_to_compute)
 from dermadetect.engine import (TrainerState, collect_outputs, load_checkpoint, make_accelerator,
                                 read_trainer_state, save_checkpoint, set_seed, train_one_epoch)
 from dermadetect.labels import DISCLAIMER
@@ -137,13 +137,12 @@ def parse_config(argv=None) -> tuple[argparse.Namespace, RunConfig]:
 
 
 def make_loaders(data: LesionData, train_tf, eval_tf, cfg: RunConfig) -> tuple[DataLoader, DataLoader]:
-    # workers are not persistent: each epoch's workers are seeded from the (checkpointed) main RNG, which is
-    # what lets --resume repeat the augmentations exactly
-    train = DataLoader(as_torch_dataset(data.splits["train"], data.label_names, train_tf), shuffle=True,
-                       batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
-    validation = DataLoader(as_torch_dataset(data.splits["validation"], data.label_names, eval_tf),
-                            batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
-    return train, validation
+    def loader(split: str, transform, shuffle: bool) -> DataLoader:
+        images = LabelledImages(data.splits[split], data.label_names, transform, seed=cfg.train.seed)
+        return DataLoader(images, shuffle=shuffle, batch_size=cfg.train.batch_size, collate_fn=collate,
+                          num_workers=cfg.data.num_workers, worker_init_fn=yield_to_compute)
+
+    return loader("train", train_tf, True), loader("validation", eval_tf, False)
 
 
 def fit_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run_dir: Path, resume: bool) -> None:
@@ -178,7 +177,6 @@ def fit_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run_d
     for epoch in range(state.epoch, cfg.train.epochs):
         if training_finished(state, cfg):
             break
-        train_loader.set_epoch(epoch)
         stats = train_one_epoch(model, train_loader, optimizer, scheduler, loss_fn, accelerator, state,
                                 cfg.train.max_steps)
         val = network_metrics(collect_outputs(model, val_loader, accelerator, desc=f"epoch {epoch + 1}: validation"),

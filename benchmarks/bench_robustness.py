@@ -29,6 +29,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dermadetect.data import yield_to_compute  # noqa: E402
 from dermadetect.hub import load_model, robustness_markdown  # noqa: E402
 from dermadetect.labels import melanoma_index  # noqa: E402
 from dermadetect.metrics import balanced_accuracy, reliability_bins  # noqa: E402
@@ -70,7 +71,8 @@ def split_images(data: Path, split: str, splits_csv: Path | None, label_names) -
 def served_outputs(loaded, paths, degrade, batch_size: int, workers: int) -> dict[str, np.ndarray]:
     """The served model's probabilities, calls and guard scores on the (degraded) images, in batches."""
     transform = create_transform(**loaded.data_config, is_training=False)
-    loader = DataLoader(Degraded(paths, degrade, transform), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(Degraded(paths, degrade, transform), batch_size=batch_size, num_workers=workers,
+                        worker_init_fn=yield_to_compute)
     logits, features = [], []
     with torch.inference_mode():
         for pixels in loader:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
+import random
 import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -451,15 +453,43 @@ def build_transforms(model: torch.nn.Module, cfg: DataConfig) -> tuple[T.Compose
     return train_tf, eval_tf, data_config
 
 
-def as_torch_dataset(table: datasets.Dataset, label_names: tuple[str, ...], transform) -> datasets.Dataset:
-    """The table with an on-the-fly transform: rows become {"pixel_values", "label"}."""
-    index = {name: i for i, name in enumerate(label_names)}
+class LabelledImages(torch.utils.data.Dataset):
+    """A table's rows as {"pixel_values", "label"} through `transform`. Each image's random draws (torch's and
+    Python's generators) are seeded by (seed, epoch, row), so the augmentations of a run are the same whatever
+    the number of loader workers or processes, and a resumed run repeats them."""
 
-    def apply(batch):
-        return {"pixel_values": [transform(im.convert("RGB")) for im in batch["image"]],
-                "label": [index[dx] for dx in batch["dx"]]}
+    def __init__(self, table: datasets.Dataset, label_names: tuple[str, ...], transform, seed: int = 0):
+        self.rows = table.select_columns(["image", "dx"])
+        self.index = {name: i for i, name in enumerate(label_names)}
+        self.transform, self.seed, self.epoch = transform, seed, 0
 
-    return table.select_columns(["image", "dx"]).with_transform(apply)
+    def set_epoch(self, epoch: int) -> None:
+        """Called by `engine.start_epoch` at the start of each epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[int(i)]
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, int(i)]).generate_state(1)[0])
+        python_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):  # the caller's generators are left as they were
+                torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's drives dropout
+                random.seed(seed)
+                pixels = self.transform(row["image"].convert("RGB"))
+        finally:
+            random.setstate(python_state)
+        return {"pixel_values": pixels, "label": self.index[row["dx"]]}
+
+
+def yield_to_compute(_worker_id: int) -> None:
+    """A loader worker's `worker_init_fn`: the lowest priority, so that it runs in the gaps the model's compute
+    threads leave. On 2 cores, workers of equal priority stall those threads: the fit loop ran at 0.43 of a bare
+    loop's speed with 2 such workers and 0.88 with them niced (benchmarks/bench_train.py)."""
+    if hasattr(os, "nice"):  # not on Windows
+        os.nice(19)
 
 
 CLASS_WEIGHTING = ("none", "balanced", "sqrt")

@@ -51,10 +51,20 @@ class TrainerState:
         return cls(**json.loads(path.read_text()))
 
 
+def start_epoch(loader, epoch: int) -> None:
+    """The epoch of a prepared loader's shuffle and of its images' augmentation seeds (`data.LabelledImages`).
+    Accelerate's set_epoch passes it on to the dataset only when the sampler has no set_epoch of its own, which
+    holds for one process and not for several."""
+    loader.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator: Accelerator,
                     state: TrainerState, max_steps: int | None) -> dict[str, float]:
-    """One pass over the training loader; returns mean loss, images seen and seconds on this process's
+    """Epoch `state.epoch` of the training loader; returns mean loss, images seen and seconds on this process's
     view, with the loss averaged across processes."""
+    start_epoch(loader, state.epoch)
     model.train()
     total_loss = torch.zeros((), device=accelerator.device)
     batches, images = 0, 0

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from .config import RunConfig, replace_nested
-from .data import LesionData, as_torch_dataset, build_transforms, collate, guard_photo_files, load_lesion_data
+from .data import (LabelledImages, LesionData, build_transforms, collate, guard_photo_files, load_lesion_data,
+                   yield_to_compute)
 from .engine import Accelerator, collect_outputs, read_trainer_state
 from .explain import road_faithfulness
 from .hub import HubPushError, LoadedModel, export_for_hub, model_card, push_to_hub
@@ -170,7 +171,7 @@ def evaluate_backbone(name: str, cfg: RunConfig, data: LesionData, accelerator: 
         raise RunFolderError(f"{out}/state/trainer_state.json is missing: it holds the training history that "
                              "metrics.json reports; copy it with best/")
     _, eval_tf, data_config = build_transforms(model, cfg.data)
-    tables = {split: as_torch_dataset(data.splits[split], names, eval_tf) for split in ("train", "validation", "test")}
+    tables = {split: LabelledImages(data.splits[split], names, eval_tf) for split in ("train", "validation", "test")}
     for split in ("train", "validation"):
         tables[f"{split}_shifted"] = ShiftedCopies(data.splits[split], names, eval_tf)
     tables["photos"] = [{"pixel_values": eval_tf(image), "label": -1} for _, image in photo_samples()]
@@ -179,7 +180,7 @@ def evaluate_backbone(name: str, cfg: RunConfig, data: LesionData, accelerator: 
         tables["guard_photos"] = GuardPhotos(guard_files, eval_tf)
     splits = [split for split in SPLIT_VIEWS if split in tables]
     loaders = [DataLoader(tables[split], batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
-                          collate_fn=collate) for split in splits]
+                          worker_init_fn=yield_to_compute, collate_fn=collate) for split in splits]
     model, *loaders = accelerator.prepare(model, *loaders)
     outputs = {split: collect_outputs(model, loader, accelerator, SPLIT_VIEWS[split], desc=f"{name} {split}")
                for split, loader in zip(splits, loaders)}

@@ -72,8 +72,8 @@ class RandomShift:
     """Each of the upload shifts with probability `p`, drawn anew per image (in a training transform, before
     timm's crop): a lower-resolution copy (96-224 px on the short side of a 224 px image, the same share of
     larger ones), the content stretched by up to 4:3 either way, per-channel gains of 0.85-1.15, blur of
-    radius 0-1.5, JPEG quality 25-95. Draws from Python's `random` (which the data loader seeds per worker),
-    or from `rng` for a copy that is the same on every run."""
+    radius 0-1.5, JPEG quality 25-95. Draws from Python's `random` (which `data.LabelledImages` seeds per
+    image), or from `rng` for a copy that is the same on every run."""
 
     def __init__(self, p: float, reference_side: int = 224):
         self.p = p

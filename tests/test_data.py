@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import random
 import shutil
 import subprocess
 import sys
@@ -13,15 +14,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
+from accelerate.data_loader import prepare_data_loader
 from PIL import Image
+from torch.utils.data import DataLoader
 
 import train
 from conftest import (REPO, make_imagefolder, pick_rows, read_metadata, run_train, write_metadata,
                       write_skin_cancer_repo)
-from dermadetect.config import DataConfig, RunConfig
-from dermadetect.data import (BadDataError, LesionLeakError, check_no_lesion_leak, guard_photo_files, lesion_of,
-                              class_weights, lesion_grouped_split, load_lesion_data)
+from dermadetect.config import DataConfig, ModelConfig, RunConfig
+from dermadetect.data import (BadDataError, LabelledImages, LesionLeakError, build_transforms, check_no_lesion_leak,
+                              class_weights, collate, guard_photo_files, lesion_grouped_split, lesion_of,
+                              load_lesion_data, yield_to_compute)
+from dermadetect.engine import start_epoch
 from dermadetect.labels import HAM10000_CLASSES
+from dermadetect.models import create_backbone
 
 
 @pytest.fixture()
@@ -290,6 +297,34 @@ def test_class_weights_by_hand():
 def test_training_loader_shuffles_without_replacement(full_data):
     loader, _ = train.make_loaders(full_data, None, None, RunConfig(data=DataConfig(num_workers=0)))
     assert sorted(loader.sampler) == list(range(len(full_data.splits["train"])))
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_augmentations_are_the_same_with_any_number_of_loader_workers(full_data, processes):
+    """Each image's augmentation is seeded by (seed, epoch, row), so an epoch's batches are the same with 0 or 2
+    loader workers (a resumed run may use another count), the epoch reaches the images whether Accelerate shards
+    the loader over processes or not, another epoch draws others, and the caller's generators are left alone."""
+    cfg = DataConfig(image_size=64, shift_probability=0.4)
+    train_tf, _, _ = build_transforms(create_backbone("efficientnet_lite0", 7, ModelConfig(pretrained=False)), cfg)
+    images = LabelledImages(full_data.splits["train"].select(range(16)), full_data.label_names, train_tf, seed=42)
+
+    def epoch_batches(workers: int, epoch: int) -> torch.Tensor:
+        torch.manual_seed(0)  # the shuffle
+        # rank 0 of `processes`, as Accelerate's prepare shards a loader (make_accelerator's seedable sampler)
+        loader = prepare_data_loader(DataLoader(images, batch_size=4, shuffle=True, num_workers=workers,
+                                                worker_init_fn=yield_to_compute, collate_fn=collate),
+                                     num_processes=processes, process_index=0, put_on_device=False,
+                                     use_seedable_sampler=True, data_seed=42)
+        start_epoch(loader, epoch)
+        return torch.cat([pixels for pixels, _ in loader])
+
+    first = epoch_batches(0, 1)
+    assert images.epoch == 1
+    assert torch.equal(first, epoch_batches(2, 1))
+    assert not torch.equal(first, epoch_batches(0, 2))
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    images[3]
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state
 
 
 def test_guard_photos_folder_is_checked_before_training(small_data, tmp_path):
