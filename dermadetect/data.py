@@ -487,7 +487,7 @@ class LabelledImages(torch.utils.data.Dataset):
 def yield_to_compute(_worker_id: int) -> None:
     """A loader worker's `worker_init_fn`: the lowest priority, so that it runs in the gaps the model's compute
     threads leave. On 2 cores, workers of equal priority stall those threads: the fit loop ran at 0.43 of a bare
-    loop's speed with 2 such workers and 0.88 with them niced (benchmarks/bench_train.py)."""
+    loop's speed with 2 such workers and 0.82-0.88 with them niced (benchmarks/bench_train.py)."""
     if hasattr(os, "nice"):  # not on Windows
         os.nice(19)
 

@@ -56,8 +56,7 @@ def start_epoch(loader, epoch: int) -> None:
     Accelerate's set_epoch passes it on to the dataset only when the sampler has no set_epoch of its own, which
     holds for one process and not for several."""
     loader.set_epoch(epoch)
-    if hasattr(loader.dataset, "set_epoch"):
-        loader.dataset.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator: Accelerator,
