@@ -8,11 +8,14 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import multiprocessing
 import os
 import random
 import re
+import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+import weakref
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -456,12 +459,15 @@ def build_transforms(model: torch.nn.Module, cfg: DataConfig) -> tuple[T.Compose
 class LabelledImages(torch.utils.data.Dataset):
     """A table's rows as {"pixel_values", "label"} through `transform`. Each image's random draws (torch's and
     Python's generators) are seeded by (seed, epoch, row), so the augmentations of a run are the same whatever
-    the number of loader workers or processes, and a resumed run repeats them."""
+    the number of loader workers, helpers or processes, and a resumed run repeats them."""
 
-    def __init__(self, table: datasets.Dataset, label_names: tuple[str, ...], transform, seed: int = 0):
+    def __init__(self, table: datasets.Dataset, label_names: tuple[str, ...], transform, seed: int = 0,
+                 helpers: int | None = None):
         self.rows = table.select_columns(["image", "dx"])
         self.index = {name: i for i, name in enumerate(label_names)}
         self.transform, self.seed, self.epoch = transform, seed, 0
+        self.helpers = batch_helpers() if helpers is None else helpers
+        self._pool = None
 
     def set_epoch(self, epoch: int) -> None:
         """Called by `engine.start_epoch` at the start of each epoch."""
@@ -483,11 +489,60 @@ class LabelledImages(torch.utils.data.Dataset):
             random.setstate(python_state)
         return {"pixel_values": pixels, "label": self.index[row["dx"]]}
 
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A batch, for a DataLoader that loads in-process (no workers): the model's compute threads wait for
+        it, so the helper processes prepare a share of it on their cores meanwhile."""
+        if not self.helpers or len(indices) < 2 or torch.utils.data.get_worker_info() is not None:
+            return [self[i] for i in indices]
+        if self._pool is None:
+            # forked, the helpers share the table and the transform without pickling them
+            self._pool = ProcessPoolExecutor(self.helpers, multiprocessing.get_context("fork"),
+                                             initializer=_start_helper, initargs=(self,))
+            weakref.finalize(self, self._pool.shutdown, cancel_futures=True)
+        shares = np.array_split(np.asarray(indices), min(self.helpers + 1, len(indices)))
+        futures = [self._pool.submit(_prepare, share.tolist(), self.epoch) for share in shares[1:]]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the compute threads would spin on the helpers' cores between small ops
+        try:
+            items = [self[i] for i in shares[0]]
+        finally:
+            torch.set_num_threads(threads)
+        for future in futures:
+            pixels, labels = future.result()
+            items += [{"pixel_values": torch.from_numpy(p), "label": y} for p, y in zip(pixels, labels)]
+        return items
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None}  # loader workers get no helpers of their own
+
+
+def batch_helpers() -> int:
+    """Helper processes for in-process batches: one per core of the model's compute threads besides this one's
+    (they idle while a batch is prepared), where processes can be forked (Linux)."""
+    return torch.get_num_threads() - 1 if sys.platform == "linux" else 0
+
+
+_helper_images: LabelledImages | None = None
+
+
+def _start_helper(images: LabelledImages) -> None:
+    global _helper_images
+    torch.set_num_threads(1)  # as DataLoader workers do: a forked process must not start OpenMP threads
+    _helper_images = images
+
+
+def _prepare(indices: list[int], epoch: int) -> tuple[np.ndarray, list[int]]:
+    """A share of a batch as one array: sent through the pipe in one piece, where each tensor of its own would
+    cost a shared-memory handover of milliseconds."""
+    _helper_images.set_epoch(epoch)
+    items = [_helper_images[i] for i in indices]
+    return torch.stack([item["pixel_values"] for item in items]).numpy(), [item["label"] for item in items]
+
 
 def yield_to_compute(_worker_id: int) -> None:
     """A loader worker's `worker_init_fn`: the lowest priority, so that it runs in the gaps the model's compute
     threads leave. On 2 cores, workers of equal priority stall those threads: the fit loop ran at 0.43 of a bare
-    loop's speed with 2 such workers and 0.82-0.88 with them niced (benchmarks/bench_train.py)."""
+    loop's speed with 2 such workers and 0.82-0.88 with them niced, which in-process loading beats there."""
     if hasattr(os, "nice"):  # not on Windows
         os.nice(19)
 

@@ -300,15 +300,18 @@ def test_training_loader_shuffles_without_replacement(full_data):
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-def test_augmentations_are_the_same_with_any_number_of_loader_workers(full_data, processes):
+def test_augmentations_are_the_same_with_any_number_of_loader_workers_or_helpers(full_data, processes):
     """Each image's augmentation is seeded by (seed, epoch, row), so an epoch's batches are the same with 0 or 2
-    loader workers (a resumed run may use another count), the epoch reaches the images whether Accelerate shards
-    the loader over processes or not, another epoch draws others, and the caller's generators are left alone."""
+    loader workers or with a helper process preparing part of each batch (a resumed run may use other counts),
+    the epoch reaches the images whether Accelerate shards the loader over processes or not, another epoch draws
+    others, and the caller's generators and thread count are left alone."""
     cfg = DataConfig(image_size=64, shift_probability=0.4)
     train_tf, _, _ = build_transforms(create_backbone("efficientnet_lite0", 7, ModelConfig(pretrained=False)), cfg)
-    images = LabelledImages(full_data.splits["train"].select(range(16)), full_data.label_names, train_tf, seed=42)
+    rows = full_data.splits["train"].select(range(16))
+    images = LabelledImages(rows, full_data.label_names, train_tf, seed=42, helpers=0)
+    helped = LabelledImages(rows, full_data.label_names, train_tf, seed=42, helpers=1)
 
-    def epoch_batches(workers: int, epoch: int) -> torch.Tensor:
+    def epoch_batches(images: LabelledImages, workers: int, epoch: int) -> torch.Tensor:
         torch.manual_seed(0)  # the shuffle
         # rank 0 of `processes`, as Accelerate's prepare shards a loader (make_accelerator's seedable sampler)
         loader = prepare_data_loader(DataLoader(images, batch_size=4, shuffle=True, num_workers=workers,
@@ -318,10 +321,14 @@ def test_augmentations_are_the_same_with_any_number_of_loader_workers(full_data,
         start_epoch(loader, epoch)
         return torch.cat([pixels for pixels, _ in loader])
 
-    first = epoch_batches(0, 1)
+    first = epoch_batches(images, 0, 1)
     assert images.epoch == 1
-    assert torch.equal(first, epoch_batches(2, 1))
-    assert not torch.equal(first, epoch_batches(0, 2))
+    assert torch.equal(first, epoch_batches(images, 2, 1))
+    second = epoch_batches(images, 0, 2)
+    assert not torch.equal(first, second)
+    threads = torch.get_num_threads()
+    assert torch.equal(first, epoch_batches(helped, 0, 1)) and torch.equal(second, epoch_batches(helped, 0, 2))
+    assert helped._pool is not None and torch.get_num_threads() == threads
     torch_state, python_state = torch.get_rng_state(), random.getstate()
     images[3]
     assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state
