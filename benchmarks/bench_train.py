@@ -108,8 +108,7 @@ def main() -> None:
         fit_seconds.append(stats["train_seconds"] - interleaved.bare_seconds)
         fit_images.append(stats["train_images"])
         bare_seconds.append(interleaved.bare_seconds)
-    # the first epoch warms both loops up (allocations, the optimizers' state), as the untimed step above does
-    # for oneDNN; it ran at 1.04 of the bare loop's speed with no data work at all, the later ones at 0.93-0.94
+    # the first epoch warms both loops up (allocations, the optimizers' state, the helpers' start)
     fit_seconds, bare_seconds, fit_images = fit_seconds[1:], bare_seconds[1:], fit_images[1:]
     fit_rate = sum(fit_images) / sum(fit_seconds)
     data_loader, _ = train.make_loaders(data, train_tf, eval_tf, cfg)  # the data work alone, as the fit loop has it

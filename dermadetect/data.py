@@ -12,10 +12,12 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 import sys
 import warnings
 import weakref
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -491,44 +493,66 @@ class LabelledImages(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         """A batch, for a DataLoader that loads in-process (no workers): the model's compute threads wait for
-        it, so the helper processes prepare a share of it on their cores meanwhile."""
+        it, so the helper processes prepare a share of it on their cores meanwhile. The helpers are forked at
+        the first batch and keep this dataset as it was then; only the epoch is passed on."""
         if not self.helpers or len(indices) < 2 or torch.utils.data.get_worker_info() is not None:
             return [self[i] for i in indices]
         if self._pool is None:
-            # forked, the helpers share the table and the transform without pickling them
+            # forked, the helpers share the table and the transform without pickling them; a weak reference,
+            # so that the pool does not keep this dataset alive and the finalizer can stop the helpers
             self._pool = ProcessPoolExecutor(self.helpers, multiprocessing.get_context("fork"),
-                                             initializer=_start_helper, initargs=(self,))
+                                             initializer=_start_helper, initargs=(weakref.ref(self),))
             weakref.finalize(self, self._pool.shutdown, cancel_futures=True)
         shares = np.array_split(np.asarray(indices), min(self.helpers + 1, len(indices)))
-        futures = [self._pool.submit(_prepare, share.tolist(), self.epoch) for share in shares[1:]]
+        try:
+            futures = [self._pool.submit(_prepare, share.tolist(), self.epoch) for share in shares[1:]]
+        except BrokenProcessPool as exc:
+            self._stop_helpers(exc)
+            return [self[i] for i in indices]
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # the compute threads would spin on the helpers' cores between small ops
         try:
             items = [self[i] for i in shares[0]]
         finally:
             torch.set_num_threads(threads)
-        for future in futures:
-            pixels, labels = future.result()
+        for share, future in zip(shares[1:], futures):
+            try:
+                pixels, labels = future.result()
+            except BrokenProcessPool as exc:
+                self._stop_helpers(exc)
+                items += [self[i] for i in share]
+                continue
             items += [{"pixel_values": torch.from_numpy(p), "label": y} for p, y in zip(pixels, labels)]
         return items
+
+    def _stop_helpers(self, exc: BrokenProcessPool) -> None:
+        """A helper was killed (out of memory, a signal): the batches go on in this process alone."""
+        if self._pool is not None:
+            logger.warning("a batch helper process stopped (%s); batches are prepared in the training process "
+                           "alone from now on", exc)
+            self._pool.shutdown(cancel_futures=True)
+        self.helpers, self._pool = 0, None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pool": None}  # loader workers get no helpers of their own
 
 
 def batch_helpers() -> int:
-    """Helper processes for in-process batches: one per core of the model's compute threads besides this one's
-    (they idle while a batch is prepared), where processes can be forked (Linux)."""
-    return torch.get_num_threads() - 1 if sys.platform == "linux" else 0
+    """Helper processes for in-process batches: one per compute thread besides this process's own (they idle
+    while a batch is prepared), within the cores this process may use, where processes can be forked (Linux)."""
+    if sys.platform != "linux":
+        return 0
+    return max(0, min(torch.get_num_threads(), len(os.sched_getaffinity(0))) - 1)
 
 
 _helper_images: LabelledImages | None = None
 
 
-def _start_helper(images: LabelledImages) -> None:
+def _start_helper(images: weakref.ref) -> None:
     global _helper_images
-    torch.set_num_threads(1)  # as DataLoader workers do: a forked process must not start OpenMP threads
-    _helper_images = images
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
+    torch.set_num_threads(1)  # as DataLoader workers do: GNU OpenMP's threads do not survive a fork
+    _helper_images = images()
 
 
 def _prepare(indices: list[int], epoch: int) -> tuple[np.ndarray, list[int]]:

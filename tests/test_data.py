@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import collections
 import csv
+import logging
+import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -299,8 +302,9 @@ def test_training_loader_shuffles_without_replacement(full_data):
     assert sorted(loader.sampler) == list(range(len(full_data.splits["train"])))
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="batch helpers are forked processes: Linux only")
 @pytest.mark.parametrize("processes", [1, 2])
-def test_augmentations_are_the_same_with_any_number_of_loader_workers_or_helpers(full_data, processes):
+def test_augmentations_are_the_same_with_any_number_of_loader_workers_or_helpers(full_data, processes, caplog):
     """Each image's augmentation is seeded by (seed, epoch, row), so an epoch's batches are the same with 0 or 2
     loader workers or with a helper process preparing part of each batch (a resumed run may use other counts),
     the epoch reaches the images whether Accelerate shards the loader over processes or not, another epoch draws
@@ -329,6 +333,11 @@ def test_augmentations_are_the_same_with_any_number_of_loader_workers_or_helpers
     threads = torch.get_num_threads()
     assert torch.equal(first, epoch_batches(helped, 0, 1)) and torch.equal(second, epoch_batches(helped, 0, 2))
     assert helped._pool is not None and torch.get_num_threads() == threads
+    for pid in list(helped._pool._processes):  # a helper killed (say, out of memory) loses no batch
+        os.kill(pid, signal.SIGKILL)
+    with caplog.at_level(logging.WARNING, logger="dermadetect.data"):
+        assert torch.equal(first, epoch_batches(helped, 0, 1))
+    assert helped.helpers == 0 and "helper process stopped" in caplog.text
     torch_state, python_state = torch.get_rng_state(), random.getstate()
     images[3]
     assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == python_state
