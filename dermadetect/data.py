@@ -6,6 +6,7 @@ Every source becomes the same table: image, image_id, lesion_id, dx (+ whatever 
 from __future__ import annotations
 
 import csv
+import ctypes
 import io
 import logging
 import multiprocessing
@@ -501,7 +502,7 @@ class LabelledImages(torch.utils.data.Dataset):
             # forked, the helpers share the table and the transform without pickling them; a weak reference,
             # so that the pool does not keep this dataset alive and the finalizer can stop the helpers
             self._pool = ProcessPoolExecutor(self.helpers, multiprocessing.get_context("fork"),
-                                             initializer=_start_helper, initargs=(weakref.ref(self),))
+                                             initializer=_start_helper, initargs=(weakref.ref(self), os.getpid()))
             weakref.finalize(self, self._pool.shutdown, cancel_futures=True)
         shares = np.array_split(np.asarray(indices), min(self.helpers + 1, len(indices)))
         try:
@@ -546,10 +547,16 @@ def batch_helpers() -> int:
 
 
 _helper_images: LabelledImages | None = None
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _start_helper(images: weakref.ref) -> None:
+def _start_helper(images: weakref.ref, parent: int) -> None:
     global _helper_images
+    # a helper ends with the training process, even a killed one: it would otherwise wait forever on a queue
+    # whose other end it holds itself, keeping the parent's stdout open
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent was gone before prctl took effect
+        os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
     torch.set_num_threads(1)  # as DataLoader workers do: GNU OpenMP's threads do not survive a fork
     _helper_images = images()
