@@ -8,7 +8,7 @@ measured in one run:
 The two loops alternate step by step (each batch the fit loop takes is preceded by one timed bare step, whose
 time is taken off the fit loop's), so that a machine whose speed drifts, as shared machines do within
 seconds, slows both alike. Prints one JSON line: images/s of both over all rounds, a / b, and a / b of each
-round (one epoch of the fit loop); also the data work per image (an epoch of the training loader alone) and
+round (one epoch of the fit loop); also the data work per image (one more epoch of its loader alone) and
 the ratio it bounds a / b by, since the compute waits for each batch: bare / (bare + data) per image.
 Target: >= 0.9. Recipes that load in DataLoader workers (the GPU ones) are refused: the workers would prepare
 the fit loop's batches during the bare steps.
@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 import train  # noqa: E402
 from dermadetect.config import RunConfig, replace_nested  # noqa: E402
 from dermadetect.data import batch_helpers, build_transforms, load_lesion_data  # noqa: E402
-from dermadetect.engine import TrainerState, make_accelerator, train_one_epoch  # noqa: E402
+from dermadetect.engine import TrainerState, make_accelerator, start_epoch, train_one_epoch  # noqa: E402
 from dermadetect.models import create_backbone  # noqa: E402
 
 
@@ -111,11 +111,11 @@ def main() -> None:
     # the first epoch warms both loops up (allocations, the optimizers' state, the helpers' start)
     fit_seconds, bare_seconds, fit_images = fit_seconds[1:], bare_seconds[1:], fit_images[1:]
     fit_rate = sum(fit_images) / sum(fit_seconds)
-    data_loader, _ = train.make_loaders(data, train_tf, eval_tf, cfg)  # the data work alone, as the fit loop has it
+    start_epoch(loader, state.epoch)  # the data work alone: one more epoch of the fit loop's loader, helpers warm
     start = time.perf_counter()
-    for _ in data_loader:
+    for _ in loader:
         pass
-    data_ms = (time.perf_counter() - start) * 1000 / len(data_loader.dataset)
+    data_ms = (time.perf_counter() - start) * 1000 / len(loader.dataset)
     bare_rate = sum(fit_images) / sum(bare_seconds)  # one bare step of the same batch size per fit step
     per_round = [round(b / f, 3) for f, b in zip(fit_seconds, bare_seconds)]
     bare_ms = 1000 / bare_rate
