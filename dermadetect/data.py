@@ -507,32 +507,21 @@ class LabelledImages(torch.utils.data.Dataset):
         shares = np.array_split(np.asarray(indices), min(self.helpers + 1, len(indices)))
         try:
             futures = [self._pool.submit(_prepare, share.tolist(), self.epoch) for share in shares[1:]]
-        except BrokenProcessPool as exc:
-            self._stop_helpers(exc)
-            return [self[i] for i in indices]
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the compute threads would spin on the helpers' cores between small ops
-        try:
-            items = [self[i] for i in shares[0]]
-        finally:
-            torch.set_num_threads(threads)
-        for share, future in zip(shares[1:], futures):
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # the compute threads would spin on the helpers' cores between small ops
             try:
-                pixels, labels = future.result()
-            except BrokenProcessPool as exc:
-                self._stop_helpers(exc)
-                items += [self[i] for i in share]
-                continue
-            items += [{"pixel_values": torch.from_numpy(p), "label": y} for p, y in zip(pixels, labels)]
-        return items
-
-    def _stop_helpers(self, exc: BrokenProcessPool) -> None:
-        """A helper was killed (out of memory, a signal): the batches go on in this process alone."""
-        if self._pool is not None:
+                items = [self[i] for i in shares[0]]
+            finally:
+                torch.set_num_threads(threads)
+            helped = [future.result() for future in futures]
+        except BrokenProcessPool as exc:  # a helper was killed (out of memory, a signal): go on without them
             logger.warning("a batch helper process stopped (%s); batches are prepared in the training process "
                            "alone from now on", exc)
             self._pool.shutdown(cancel_futures=True)
-        self.helpers, self._pool = 0, None
+            self.helpers, self._pool = 0, None
+            return [self[i] for i in indices]
+        return items + [{"pixel_values": torch.from_numpy(p), "label": y}
+                        for pixels, labels in helped for p, y in zip(pixels, labels)]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pool": None}  # loader workers get no helpers of their own
@@ -554,7 +543,7 @@ def _start_helper(images: weakref.ref, parent: int) -> None:
     global _helper_images
     # a helper ends with the training process, even a killed one: it would otherwise wait forever on a queue
     # whose other end it holds itself, keeping the parent's stdout open
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent was gone before prctl took effect
         os._exit(0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the training process's to handle
