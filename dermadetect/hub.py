@@ -341,7 +341,7 @@ CC BY-NC 4.0, by the authors cited here. Cite the data:
 def guard_checks(ood: dict) -> str:
     """What the guard flags beyond the test set: the non-dermoscopic pictures and, where it was fitted with
     photos of skin, those photos, each held out of the guard's fit by cross-validation."""
-    photos = f"{len(ood['photos'])} non-dermoscopic pictures (scikit-image samples)"
+    photos = f"{len(ood['photos'])} non-dermoscopic pictures (samples shipped with Python packages)"
     held = ood.get("cross_validated")
     if held is None:  # the Mahalanobis guard of runs analysed before schema 2 was fitted without the pictures
         return (f"{ood['photos_flagged']:.0%} of {photos}; AUROC test vs pictures {ood['auroc_test_vs_photos']:.3f} "
@@ -353,6 +353,11 @@ def guard_checks(ood: dict) -> str:
         line += (f"; {held['skin_photos_flagged']:.0%} of {skin['photos']} photos of skin taken without a "
                  f"dermatoscope ({Path(skin['folder']).name}, {skin['lesions']} lesions, cross-validated by lesion; "
                  f"AUROC against validation images {held['auroc_validation_vs_skin_photos']:.3f})")
+    if ood.get("unseen_clinics"):
+        line += ("; dermoscopy from a clinic the guard has not seen (each clinic's validation images, scored by a "
+                 "guard fitted and thresholded without that clinic): " +
+                 ", ".join(f"{clinic} {r['flagged']:.0%} of {r['validation_images']}"
+                           for clinic, r in ood["unseen_clinics"].items()))
     return line + "."
 
 

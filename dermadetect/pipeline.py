@@ -36,7 +36,7 @@ from .models import count_parameters, create_backbone
 from .posthoc import OOD_FILE, TTA_VIEWS, DermoscopyGuard, PostHocSettings, nll, softmax
 from .report import plot_cam_gallery, read_backbone_row, write_backbone_plots, write_comparison
 from .shift import RandomShift, random_view
-from .study import analyze, photo_samples
+from .study import PHOTO_SAMPLES, analyze, photo_samples
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +231,9 @@ def analyze_backbone(name: str, cfg: RunConfig, data: LesionData, run_dir: Path)
         raise RunFolderError(f"{name} has no (or older) evaluation outputs: run `python -m dermadetect evaluate "
                              f"{run_dir}`")
     outputs = {split: dict(np.load(outputs_path(run_dir, name, split))) for split in expected}
+    if len(outputs["photos"]["labels"]) != len(PHOTO_SAMPLES):
+        raise RunFolderError(f"{name}'s evaluation outputs hold another set of non-dermoscopic pictures than this "
+                             f"version's {len(PHOTO_SAMPLES)}: run `python -m dermadetect evaluate {run_dir}` again")
     analysis, settings, detector, served = analyze(
         name, outputs, data.splits, data.label_names, cfg.train.bootstrap_resamples, out)
     (out / ANALYSIS_FILE).write_text(json.dumps(analysis, indent=1, allow_nan=False))
@@ -263,7 +266,7 @@ def export_backbone(name: str, cfg: RunConfig, data: LesionData, run_info: dict,
         sample = data.splits["validation"].shuffle(seed=cfg.train.seed)
         sample = sample.select(range(min(cfg.train.explain_images, len(sample))))
         pixels = torch.stack([eval_tf(im.convert("RGB")) for im in sample["image"]])
-        faithfulness = road_faithfulness(Predictor(loaded).explainer, pixels)
+        faithfulness = road_faithfulness(Predictor(loaded).explainer, pixels, seed=cfg.train.seed)
         (out / "explain_faithfulness.json").write_text(json.dumps(faithfulness, indent=1))
         settings = dataclasses.replace(settings, cam_method=faithfulness["best_method"])
         loaded = dataclasses.replace(loaded, settings=settings)

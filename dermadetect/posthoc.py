@@ -178,18 +178,27 @@ class DermoscopyGuard:
 
     @classmethod
     def fit(cls, train_features: np.ndarray, train_labels: np.ndarray, dermoscopy: np.ndarray,
-            not_dermoscopy: np.ndarray, strength: float = GUARD_REGULARISATION) -> "DermoscopyGuard":
+            not_dermoscopy: np.ndarray, strength: float = GUARD_REGULARISATION,
+            groups: np.ndarray | None = None) -> "DermoscopyGuard":
         """Class Gaussians from the clean training features; the head from `dermoscopy` vs `not_dermoscopy`
-        features, the two sides weighted equally (the negatives are few)."""
+        features, the two sides weighted equally (the negatives are few). `groups` (the clinic of each
+        dermoscopy row) weighs each clinic equally, so that the head does not learn the largest clinic's
+        look as "dermoscopy" and flag images from clinics it never saw (docs/results.md)."""
         means, precision = mahalanobis_fit(train_features, train_labels)
         # float32 as saved, so the fitted and the loaded guard score alike
         guard = cls(*(torch.tensor(a, dtype=torch.float32) for a in (means, precision)),
                     *(torch.zeros(()) for _ in range(4)))
         inputs = guard.inputs(np.vstack([dermoscopy, not_dermoscopy]))
         is_not = np.r_[np.zeros(len(dermoscopy)), np.ones(len(not_dermoscopy))]
+        groups = np.zeros(len(dermoscopy)) if groups is None else np.asarray(groups)
+        _, group, group_size = np.unique(groups, return_inverse=True, return_counts=True)
+        # each side sums to half the rows, as class_weight="balanced" would give; within the dermoscopy side,
+        # each clinic gets an equal share
+        weight = np.r_[1.0 / (len(group_size) * group_size[group]), np.full(len(not_dermoscopy),
+                                                                            1.0 / len(not_dermoscopy))]
         scaler = StandardScaler().fit(inputs)
-        head = LogisticRegression(C=strength, class_weight="balanced", max_iter=5000).fit(
-            scaler.transform(inputs), is_not)
+        head = LogisticRegression(C=strength, max_iter=5000).fit(scaler.transform(inputs), is_not,
+                                                                 sample_weight=weight * len(is_not) / 2)
         guard.centre, guard.scale, guard.weight, guard.bias = (
             torch.tensor(a, dtype=torch.float64) for a in (scaler.mean_, scaler.scale_, head.coef_[0],
                                                             head.intercept_[0]))

@@ -135,8 +135,8 @@ def analysis_markdown(rows: list[dict]) -> str:
             "threshold are fitted on validation. Decision: the argmax of log P(class) - s * log(class "
             "share of train), with the strength s (0 = plain argmax) that gives the best validation balanced "
             "accuracy. Test metrics below use the calibrated model and this decision; brackets: 95% bootstrap "
-            "intervals over lesions. OOD AUROC: ISIC 2018 test images vs scikit-image's non-dermoscopic sample "
-            "pictures.\n\n" + "\n".join(lines))
+            "intervals over lesions. OOD AUROC: ISIC 2018 test images vs the non-dermoscopic sample pictures "
+            "shipped with Python packages (listed in each analysis.json).\n\n" + "\n".join(lines))
 
 
 def _decision(analysis: dict) -> str:

@@ -9,6 +9,7 @@ and subgroups by data source, sex and age band.
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 from pathlib import Path
 
@@ -31,12 +32,19 @@ logger = logging.getLogger(__name__)
 
 GUARD_KEEP = 0.96        # the guard passes this share of validation images, clean and through the upload shifts
 GUARD_FOLDS = GUARD_MIN_LESIONS  # cross-validation of the guard over the photos it is fitted on
+GUARD_MIN_CLINIC = 50    # validation images a clinic needs for its unseen-clinic flag rate to be reported
 AGE_BANDS = ((0, 30, "<30"), (30, 45, "30-44"), (45, 60, "45-59"), (60, 75, "60-74"), (75, 200, "75+"))
 # scikit-image's sample pictures that ship inside its wheel (no download): photographs, microscopy, astronomy,
 # text and graphics, none of them dermoscopy
-PHOTO_SAMPLES = ("astronaut", "brick", "camera", "cat", "cell", "checkerboard", "clock", "coffee", "coins",
-                 "colorwheel", "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo",
-                 "microaneurysms", "moon", "page", "retina", "rocket", "shepp_logan_phantom", "text")
+SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cat", "cell", "checkerboard", "clock", "coffee",
+                  "coins", "colorwheel", "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry",
+                  "logo", "microaneurysms", "moon", "page", "retina", "rocket", "shepp_logan_phantom",
+                  "stereo_motorcycle", "text")
+# photographs that ship inside other installed packages: name -> (package, file in it)
+PACKAGE_PHOTOS = {"grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+                  "china": ("sklearn", "datasets/images/china.jpg"),
+                  "flower": ("sklearn", "datasets/images/flower.jpg")}
+PHOTO_SAMPLES = SKIMAGE_PHOTOS + tuple(PACKAGE_PHOTOS)
 
 
 def photo_samples() -> list[tuple[str, Image.Image]]:
@@ -44,11 +52,15 @@ def photo_samples() -> list[tuple[str, Image.Image]]:
     import skimage.data
 
     out = []
-    for name in PHOTO_SAMPLES:
-        array = np.asarray(getattr(skimage.data, name)())
+    for name in SKIMAGE_PHOTOS:
+        picture = getattr(skimage.data, name)()
+        array = np.asarray(picture[0] if isinstance(picture, tuple) else picture)  # a stereo pair: the left view
         if array.dtype == bool:
             array = array.astype(np.uint8) * 255
         out.append((name, to_rgb(Image.fromarray(array))))
+    for name, (package, file) in PACKAGE_PHOTOS.items():
+        with Image.open(importlib.resources.files(package) / file) as image:
+            out.append((name, to_rgb(image)))
     return out
 
 
@@ -88,24 +100,34 @@ def subgroups(table, labels, probs, predictions, label_names, mel: int | None, m
     return out
 
 
-def fit_guard(outputs: dict[str, dict]) -> tuple[DermoscopyGuard, dict]:
-    """The served guard and its report. Dermoscopy: the training images, clean and through the upload shifts;
+def fit_guard(outputs: dict[str, dict], clinics: dict[str, np.ndarray] | None = None,
+              weigh_clinics: bool = True) -> tuple[DermoscopyGuard, dict]:
+    """The served guard and its report. Dermoscopy: the training images, clean and through the upload shifts,
+    each clinic weighed equally when `clinics` (train and validation: the clinic of each image) names them
+    (`weigh_clinics` False pools them, for benchmarks/bench_guard.py);
     not dermoscopy: the skin photos (each with random framings) and the ordinary photos. The threshold passes
     GUARD_KEEP of the validation images, clean and shifted. The photos' flag rates come from cross-validation:
-    each fold scored by a guard fitted without it (skin photos grouped by lesion)."""
+    each fold scored by a guard fitted without it (skin photos grouped by lesion). Each clinic's validation
+    images are also scored by a guard fitted without that clinic: how the guard treats dermoscopy from a
+    clinic it never saw."""
     train = outputs["train"]
-    dermoscopy = np.vstack([train["features"], outputs["train_shifted"]["features"]])
+    shifted = outputs["train_shifted"]["features"]
     validation = [outputs["validation"]["features"], outputs["validation_shifted"]["features"]]
     photos = outputs["photos"]["features"]
     skin = outputs.get("guard_photos")
+    everything = slice(None)
 
-    def fit(skin_rows, photo_rows) -> DermoscopyGuard:
+    def fit(skin_rows, photo_rows, seen=everything, seen_validation=everything) -> DermoscopyGuard:
         negatives = [photos[photo_rows]] + ([skin["features"][skin_rows]] if skin is not None else [])
-        guard = DermoscopyGuard.fit(train["features"], train["labels"], dermoscopy, np.vstack(negatives))
-        guard.threshold = float(np.quantile(np.concatenate([guard.score(v) for v in validation]), GUARD_KEEP))
+        features, labels = train["features"][seen], train["labels"][seen]
+        groups = np.tile(clinics["train"][seen], 2) if clinics is not None and weigh_clinics else None
+        guard = DermoscopyGuard.fit(features, labels, np.vstack([features, shifted[seen]]), np.vstack(negatives),
+                                    groups=groups)
+        guard.threshold = float(np.quantile(np.concatenate([guard.score(v[seen_validation]) for v in validation]),
+                                            GUARD_KEEP))
         return guard
 
-    guard = fit(slice(None), slice(None))
+    guard = fit(everything, everything)
     photo_fold = np.arange(len(photos)) % GUARD_FOLDS
     if skin is not None:
         lesions = np.array([lesion_of(n) for n in skin["names"]])[skin["labels"]]  # per row (views of a photo)
@@ -124,7 +146,8 @@ def fit_guard(outputs: dict[str, dict]) -> tuple[DermoscopyGuard, dict]:
             held_skin.append((fold.score(skin["features"][held]) - fold.threshold, validation_margin))
     report = {
         "method": "dermoscopy-vs-not logistic head on penultimate features and their log Mahalanobis distance to "
-                  "the nearest training class (shared Ledoit-Wolf covariance)",
+                  "the nearest training class (shared Ledoit-Wolf covariance)" +
+                  (", each training clinic weighed equally" if clinics is not None and weigh_clinics else ""),
         "threshold": guard.threshold,
         "threshold_rule": f"{GUARD_KEEP:.0%} of validation images pass, clean and through the upload shifts",
         "photos": list(PHOTO_SAMPLES),
@@ -134,6 +157,7 @@ def fit_guard(outputs: dict[str, dict]) -> tuple[DermoscopyGuard, dict]:
                             "photos_flagged": float(np.mean(np.concatenate(held_photos))),
                             "validation_flagged": float(np.mean(held_validation))},
         "skin_photos": None,
+        "unseen_clinics": unseen_clinics(fit, clinics, validation),
     }
     if skin is not None:
         skin_margin = np.concatenate([m for m, _ in held_skin])
@@ -146,6 +170,30 @@ def fit_guard(outputs: dict[str, dict]) -> tuple[DermoscopyGuard, dict]:
             auroc_validation_vs_skin_photos=float(roc_auc_score(
                 np.r_[np.zeros(len(val_margin)), np.ones(len(skin_margin))], np.r_[val_margin, skin_margin])))
     return guard, report
+
+
+def clinics_of(tables: dict) -> dict[str, np.ndarray] | None:
+    """The clinic of each train and validation image (HAM10000's `dataset` column), or None without it."""
+    if not all("dataset" in tables[split].column_names for split in ("train", "validation")):
+        return None
+    return {split: np.array([str(v) for v in tables[split]["dataset"]]) for split in ("train", "validation")}
+
+
+def unseen_clinics(fit, clinics: dict[str, np.ndarray] | None, validation: list[np.ndarray]) -> dict:
+    """Per clinic with at least GUARD_MIN_CLINIC validation images: the share of them (clean and shifted) that a
+    guard fitted and thresholded without that clinic flags."""
+    if clinics is None:
+        return {}
+    report = {}
+    for clinic in np.unique(clinics["train"]):
+        held, seen = clinics["validation"] == clinic, clinics["train"] != clinic
+        if min(held.sum(), (~held).sum(), seen.sum()) < GUARD_MIN_CLINIC:
+            continue
+        guard = fit(slice(None), slice(None), seen, ~held)
+        report[str(clinic)] = {"validation_images": int(held.sum()),
+                               "flagged": float(np.mean(guard.score(validation[0][held]) > guard.threshold)),
+                               "shifted_flagged": float(np.mean(guard.score(validation[1][held]) > guard.threshold))}
+    return report
 
 
 def analyze(name: str, outputs: dict[str, dict], tables: dict, label_names, resamples: int,
@@ -191,7 +239,7 @@ def analyze(name: str, outputs: dict[str, dict], tables: dict, label_names, resa
                     "test": operating_point(test_p[:, mel], test["labels"] == mel, mel_threshold)}
 
     # out of distribution: the dermoscopy-vs-not guard, its threshold on validation (clean and shifted)
-    detector, ood = fit_guard(outputs)
+    detector, ood = fit_guard(outputs, clinics_of(tables))
     val_scores, test_scores = detector.score(val["features"]), detector.score(test["features"])
     photo_scores = detector.score(photos["features"])
     photo_z = view_logits(photos, use_tta)
@@ -201,7 +249,7 @@ def analyze(name: str, outputs: dict[str, dict], tables: dict, label_names, resa
                     is_photo, np.r_[energy_score(test_z, temperature), energy_score(photo_z, temperature)])),
                 "test_flagged": float(np.mean(test_scores > detector.threshold)),
                 "photos_flagged": float(np.mean(photo_scores > detector.threshold)),
-                "photo_scores": {n: float(s) for n, s in zip(PHOTO_SAMPLES, photo_scores)}})
+                "photo_scores": {n: float(s) for n, s in zip(PHOTO_SAMPLES, photo_scores, strict=True)}})
 
     test_table = tables["test"]
     analysis = {

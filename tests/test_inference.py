@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from timm.data import create_transform, resolve_model_data_config
 
 from conftest import REPO, data_root
-from dermadetect.explain import CAM_METHODS, cam_on_image, project_cam
+from dermadetect.explain import CAM_METHODS, cam_on_image, project_cam, road_faithfulness
 from dermadetect.hub import ModelSourceError, export_for_hub, load_model
 from dermadetect.inference import (CorruptImageError, ImageTooLargeError, ImageTooSmallError, NotAnImageError,
                                    Predictor, open_image)
@@ -80,6 +80,22 @@ def test_cam_equals_plain_pytorch_grad_cam(predictors, name):
             np.testing.assert_allclose(ours.probabilities, plain, atol=1e-6)
             assert ours.cam.shape == (64, 64)
             assert ours.cam.min() >= 0.0 and ours.cam.max() <= 1.0 + 1e-6
+
+
+def test_cam_faithfulness_does_not_depend_on_the_callers_random_state(predictors):
+    """ROAD imputes with random noise: the scores (and so the served CAM method) are the same whatever the
+    global generator's state, and that state is left as it was."""
+    explainer = predictors["resnet18"].explainer
+    pixels = torch.cat([predictors["resnet18"].preprocess(lesion_like(seed=s)) for s in range(2)])
+    runs = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        runs.append(road_faithfulness(explainer, pixels, methods=("gradcam", "eigencam")))
+        after = torch.rand(1)
+        torch.manual_seed(state)
+        assert torch.equal(after, torch.rand(1))
+    assert runs[0] == runs[1]
+    assert road_faithfulness(explainer, pixels, methods=("gradcam",), seed=1)["scores"]["gradcam"] != runs[0]["scores"]["gradcam"]
 
 
 @pytest.mark.parametrize("name", BACKBONES)

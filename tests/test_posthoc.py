@@ -17,6 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from dermadetect.metrics import bootstrap_intervals, operating_point, reliability_bins, threshold_for_sensitivity
 from dermadetect.posthoc import (GUARD_REGULARISATION, DermoscopyGuard, adjusted_decisions, dihedral_batch,
                                  energy_score, fit_adjustment_strength, fit_temperature, nll, softmax)
+from dermadetect.study import fit_guard
 
 LABELS = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
@@ -165,6 +166,53 @@ def test_guard_matches_scikit_learn_and_round_trips(tmp_path):
     guard.save(tmp_path)
     loaded = DermoscopyGuard.load(tmp_path / "ood.safetensors", 1.5)
     assert loaded.score(probe) == pytest.approx(guard.score(probe), rel=1e-12) and loaded.threshold == 1.5
+
+
+def test_guard_weighing_clinics_equally_flags_less_of_a_small_clinic():
+    """A small clinic whose images lie towards the non-dermoscopic ones along one axis: fitted with each clinic
+    weighed equally, the head leans on the axis that separates both clinics from the negatives, so fewer of that
+    clinic's new images are flagged, and the negatives still are."""
+    rng = np.random.default_rng(0)
+
+    def draw(n, centre):
+        return rng.normal(0, 1, (n, 4)) + np.array(centre, dtype=float)
+
+    large, small, negatives = draw(900, [0, 0, 0, 0]), draw(100, [3, 0, 0, 0]), draw(100, [3, 4, 0, 0])
+    features, labels = np.vstack([large, small]), np.arange(1000) % 2
+    clinics = np.r_[np.zeros(900), np.ones(100)]
+    new_large, new_small, new_negatives = draw(900, [0, 0, 0, 0]), draw(2000, [3, 0, 0, 0]), draw(500, [3, 4, 0, 0])
+    flagged = {}
+    for name, groups in (("pooled", None), ("clinics", clinics)):
+        guard = DermoscopyGuard.fit(features, labels, features, negatives, groups=groups)
+        threshold = np.quantile(np.r_[guard.score(new_large), guard.score(new_small[:100])], 0.96)
+        flagged[name] = [np.mean(guard.score(x) > threshold) for x in (new_small, new_negatives)]
+    assert flagged["clinics"][0] < flagged["pooled"][0] - 0.05
+    assert min(flagged["clinics"][1], flagged["pooled"][1]) > 0.95
+
+
+def test_guard_reports_how_it_flags_a_clinic_it_was_fitted_without():
+    """Two alike clinics and one far from them: fitted without the far clinic, the guard flags most of its
+    images; fitted without either of the alike ones, few of its images."""
+    rng = np.random.default_rng(1)
+    centres = {"near_a": [0, 0, 0, 0], "near_b": [0.3, 0, 0, 0], "far": [0, 0, 8, 0]}
+
+    def split(per_clinic):
+        clinic = np.repeat(list(centres), per_clinic)
+        return rng.normal(0, 1, (len(clinic), 4)) + np.array([centres[c] for c in clinic]), clinic
+
+    train, train_clinic = split(400)
+    validation, validation_clinic = split(100)
+    outputs = {"train": {"features": train, "labels": np.arange(len(train)) % 3},
+               "train_shifted": {"features": train + rng.normal(0, 0.3, train.shape)},
+               "validation": {"features": validation},
+               "validation_shifted": {"features": validation + rng.normal(0, 0.3, validation.shape)},
+               "photos": {"features": rng.normal(0, 1, (50, 4)) + [5, 5, 0, 5]}}
+    _, report = fit_guard(outputs, {"train": train_clinic, "validation": validation_clinic})
+    unseen = report["unseen_clinics"]
+    assert set(unseen) == set(centres) and unseen["far"]["validation_images"] == 100
+    assert unseen["far"]["flagged"] > 0.5 and unseen["far"]["shifted_flagged"] > 0.5
+    assert max(unseen["near_a"]["flagged"], unseen["near_b"]["flagged"]) < 0.2
+    assert fit_guard(outputs)[1]["unseen_clinics"] == {}  # data without clinics: nothing to report
 
 
 def means_of(features, labels):

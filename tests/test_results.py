@@ -269,6 +269,21 @@ def test_robustness_benchmark_agrees_with_the_analysis_on_clean_test_images():
                                                             "aspect_4_3", "colour_cast", "blur", "rotate_37"}
 
 
+def test_guard_benchmark_scores_both_ways_of_weighing_clinics(smoke_run, tmp_path):
+    """benchmarks/bench_guard.py on a run's evaluation outputs: one line per variant, with every picture of the
+    evaluation pass and the photos of skin cross-validated."""
+    from dermadetect.study import PHOTO_SAMPLES
+
+    out = tmp_path / "guard.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_guard.py"), str(smoke_run), "resnet18",
+                    "--out", str(out)], check=True, capture_output=True)
+    lines = json.loads(out.read_text())
+    assert [line["variant"] for line in lines] == ["clinics weighed equally", "pooled"]
+    for line in lines:
+        assert line["photos"] == len(PHOTO_SAMPLES) and 0 <= line["skin_photos_flagged"] <= 1
+        assert line["unseen_clinics"] == {}  # the smoke run validates on too few images of each clinic
+
+
 def test_ensemble_benchmark_of_a_model_with_itself_is_that_model(smoke_run, tmp_path):
     """The mean of a model with itself is the model: the same balanced accuracy in every condition and a zero
     bootstrap interval. Models validated on other images are refused."""

@@ -1,0 +1,58 @@
+"""The dermoscopy-vs-not guard of a run, fitted with the training clinics weighed equally (served) and pooled,
+scored on validation and the guard's photos only, from the run's evaluation outputs (RUN/BACKBONE/outputs_*.npz,
+written by `python -m dermadetect evaluate`): per variant, one JSON line with the cross-validated flag rates of the
+non-dermoscopic pictures, the photos of skin and the validation images, and, per HAM10000 clinic, the share of its
+validation images flagged by a guard fitted and thresholded without that clinic (dermoscopy from an unseen
+clinic, as uploads from other clinics are). `--out FILE` also writes the lines as JSON.
+
+    python benchmarks/bench_guard.py runs/lite0-shift efficientnet_lite0 \\
+        --out runs/lite0-shift/efficientnet_lite0/guard_validation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dermadetect.pipeline import load_run_data, outputs_path, read_run  # noqa: E402
+from dermadetect.study import clinics_of, fit_guard  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a run folder with evaluation outputs")
+    parser.add_argument("backbone", help="the backbone whose outputs are used")
+    parser.add_argument("--out", type=Path, help="also write the lines to this JSON file")
+    args = parser.parse_args(argv)
+    cfg, _ = read_run(args.run_dir)
+    splits = ("train", "train_shifted", "validation", "validation_shifted", "photos", "guard_photos")
+    outputs = {s: dict(np.load(outputs_path(args.run_dir, args.backbone, s))) for s in splits
+               if outputs_path(args.run_dir, args.backbone, s).is_file()}
+    if not {"train", "validation", "photos"} <= set(outputs):
+        raise SystemExit(f"{args.run_dir} has no evaluation outputs of {args.backbone}: run "
+                         f"`python -m dermadetect evaluate {args.run_dir}` first")
+    clinics = clinics_of(load_run_data(args.run_dir, cfg).splits)
+    if clinics is None:
+        raise SystemExit("the run's data does not name the clinic of each image (no `dataset` column)")
+    rows = []
+    for variant, weigh in (("clinics weighed equally", True), ("pooled", False)):
+        _, report = fit_guard(outputs, clinics, weigh_clinics=weigh)
+        held = report["cross_validated"]
+        rows.append({"variant": variant, "photos": len(outputs["photos"]["labels"]),
+                     "photos_flagged": held["photos_flagged"], "skin_photos_flagged": held.get("skin_photos_flagged"),
+                     "validation_flagged": held["validation_flagged"],
+                     "auroc_validation_vs_skin_photos": held.get("auroc_validation_vs_skin_photos"),
+                     "unseen_clinics": report["unseen_clinics"]})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
