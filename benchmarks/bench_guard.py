@@ -16,10 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dermadetect.pipeline import load_run_data, outputs_path, read_run  # noqa: E402
+from dermadetect.pipeline import load_run_data, read_outputs, read_run  # noqa: E402
 from dermadetect.study import clinics_of, fit_guard  # noqa: E402
 
 
@@ -30,13 +28,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="also write the lines to this JSON file")
     args = parser.parse_args(argv)
     cfg, _ = read_run(args.run_dir)
-    splits = ("train", "train_shifted", "validation", "validation_shifted", "photos", "guard_photos")
-    outputs = {s: dict(np.load(outputs_path(args.run_dir, args.backbone, s))) for s in splits
-               if outputs_path(args.run_dir, args.backbone, s).is_file()}
-    if not {"train", "validation", "photos"} <= set(outputs):
-        raise SystemExit(f"{args.run_dir} has no evaluation outputs of {args.backbone}: run "
-                         f"`python -m dermadetect evaluate {args.run_dir}` first")
-    clinics = clinics_of(load_run_data(args.run_dir, cfg).splits)
+    data = load_run_data(args.run_dir, cfg)
+    outputs = read_outputs(args.run_dir, args.backbone, cfg, data)
+    clinics = clinics_of(data.splits)
     if clinics is None:
         raise SystemExit("the run's data does not name the clinic of each image (no `dataset` column)")
     rows = []

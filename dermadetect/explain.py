@@ -140,8 +140,8 @@ def road_faithfulness(explainer: CamExplainer, pixels: torch.Tensor, methods=tup
         explanations = [explainer(pixels[i:i + 1], None, method) for i in range(len(pixels))]
         cams = np.stack([e.cam for e in explanations])
         targets = [ClassifierOutputSoftmaxTarget(e.class_index) for e in explanations]
-        with torch.random.fork_rng():  # the caller's generators are left as they were
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # the imputer draws on the CPU; the caller's state is kept
+            torch.default_generator.manual_seed(seed)
             scores[method] = float(np.mean(metric(pixels, cams, targets, explainer.model)))
     best = max(scores, key=scores.get)
     return {"metric": f"ROADCombined(percentiles={list(percentiles)}) on softmax, top class",

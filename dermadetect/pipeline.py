@@ -222,18 +222,26 @@ def network_metrics(outputs: dict[str, np.ndarray], label_names) -> dict:
 
 # ---------------------------------------------------------------- analyze
 
-def analyze_backbone(name: str, cfg: RunConfig, data: LesionData, run_dir: Path) -> dict:
-    """From the evaluation pass alone: analysis.json, the fitted settings (posthoc.json), the OOD detector,
-    predictions_calibrated_<split>.csv and the reliability diagram. Returns the analysis."""
-    out = Path(run_dir) / name
+def read_outputs(run_dir: Path, name: str, cfg: RunConfig, data: LesionData) -> dict[str, dict]:
+    """`name`'s evaluation outputs per split, refused when they are missing or were written for other images."""
     expected = [s for s in SPLIT_VIEWS if s != "guard_photos" or cfg.data.guard_photos]
     if not all(outputs_path(run_dir, name, split).is_file() for split in expected):
         raise RunFolderError(f"{name} has no (or older) evaluation outputs: run `python -m dermadetect evaluate "
                              f"{run_dir}`")
     outputs = {split: dict(np.load(outputs_path(run_dir, name, split))) for split in expected}
-    if len(outputs["photos"]["labels"]) != len(PHOTO_SAMPLES):
-        raise RunFolderError(f"{name}'s evaluation outputs hold another set of non-dermoscopic pictures than this "
-                             f"version's {len(PHOTO_SAMPLES)}: run `python -m dermadetect evaluate {run_dir}` again")
+    sizes = {split: len(data.splits[split]) for split in ("train", "validation", "test")}
+    if any(len(outputs[split]["labels"]) != size for split, size in sizes.items()) or \
+            len(outputs["photos"]["labels"]) != len(PHOTO_SAMPLES):
+        raise RunFolderError(f"{name}'s evaluation outputs were written for other images than this version and "
+                             f"the run's data give: run `python -m dermadetect evaluate {run_dir}` again")
+    return outputs
+
+
+def analyze_backbone(name: str, cfg: RunConfig, data: LesionData, run_dir: Path) -> dict:
+    """From the evaluation pass alone: analysis.json, the fitted settings (posthoc.json), the OOD detector,
+    predictions_calibrated_<split>.csv and the reliability diagram. Returns the analysis."""
+    out = Path(run_dir) / name
+    outputs = read_outputs(run_dir, name, cfg, data)
     analysis, settings, detector, served = analyze(
         name, outputs, data.splits, data.label_names, cfg.train.bootstrap_resamples, out)
     (out / ANALYSIS_FILE).write_text(json.dumps(analysis, indent=1, allow_nan=False))

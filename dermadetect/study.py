@@ -173,10 +173,16 @@ def fit_guard(outputs: dict[str, dict], clinics: dict[str, np.ndarray] | None = 
 
 
 def clinics_of(tables: dict) -> dict[str, np.ndarray] | None:
-    """The clinic of each train and validation image (HAM10000's `dataset` column), or None without it."""
+    """The clinic of each train and validation image (HAM10000's `dataset` column), or None without it. Images
+    without one, and clinics with fewer than GUARD_MIN_CLINIC training images, form one group: weighed equally,
+    a handful of images would otherwise weigh as much as a whole clinic."""
     if not all("dataset" in tables[split].column_names for split in ("train", "validation")):
+        logger.info("the data names no clinic per image (no `dataset` column): the guard pools the training images")
         return None
-    return {split: np.array([str(v) for v in tables[split]["dataset"]]) for split in ("train", "validation")}
+    clinics = {split: np.array([str(v or "") for v in tables[split]["dataset"]]) for split in ("train", "validation")}
+    names, counts = np.unique(clinics["train"], return_counts=True)
+    small = {n for n, c in zip(names, counts) if c < GUARD_MIN_CLINIC} | {""}
+    return {split: np.where(np.isin(v, list(small)), "other", v) for split, v in clinics.items()}
 
 
 def unseen_clinics(fit, clinics: dict[str, np.ndarray] | None, validation: list[np.ndarray]) -> dict:

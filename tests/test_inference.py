@@ -95,7 +95,8 @@ def test_cam_faithfulness_does_not_depend_on_the_callers_random_state(predictors
         torch.manual_seed(state)
         assert torch.equal(after, torch.rand(1))
     assert runs[0] == runs[1]
-    assert road_faithfulness(explainer, pixels, methods=("gradcam",), seed=1)["scores"]["gradcam"] != runs[0]["scores"]["gradcam"]
+    other_seed = road_faithfulness(explainer, pixels, methods=("gradcam",), seed=1)
+    assert other_seed["scores"]["gradcam"] != runs[0]["scores"]["gradcam"]  # the noise is there, and seeded
 
 
 @pytest.mark.parametrize("name", BACKBONES)

@@ -215,6 +215,20 @@ def test_guard_reports_how_it_flags_a_clinic_it_was_fitted_without():
     assert fit_guard(outputs)[1]["unseen_clinics"] == {}  # data without clinics: nothing to report
 
 
+def test_clinics_without_a_name_or_with_few_images_form_one_group():
+    import datasets
+
+    from dermadetect.study import GUARD_MIN_CLINIC, clinics_of
+
+    train = ["a"] * GUARD_MIN_CLINIC + ["b"] * GUARD_MIN_CLINIC + ["tiny"] * 3 + [None] * 2
+    tables = {"train": datasets.Dataset.from_dict({"dataset": train}),
+              "validation": datasets.Dataset.from_dict({"dataset": ["a", "tiny", None, "b"]})}
+    clinics = clinics_of(tables)
+    assert sorted(set(clinics["train"])) == ["a", "b", "other"] and list(clinics["validation"]) == ["a", "other",
+                                                                                                   "other", "b"]
+    assert clinics_of({split: datasets.Dataset.from_dict({"dx": ["nv"]}) for split in tables}) is None
+
+
 def means_of(features, labels):
     return np.stack([features[labels == k].mean(axis=0) for k in np.unique(labels)])
 
