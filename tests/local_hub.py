@@ -30,6 +30,7 @@ GITATTRIBUTES = "".join(f"{pattern} filter=lfs diff=lfs merge=lfs -text\n" for p
     "*.7z *.arrow *.bin *.bz2 *.ckpt *.ftz *.gz *.h5 *.joblib *.lfs.* *.mlmodel *.model *.msgpack *.npy *.npz *.onnx "
     "*.ot *.parquet *.pb *.pickle *.pkl *.pt *.pth *.rar *.safetensors saved_model/**/* *.tar.* *.tar *.tflite *.tgz "
     "*.wasm *.xz *.zip *.zst *tfevents*").split())
+SHORT_SHA = re.compile("[0-9a-f]{7,39}")  # the short commit ids the Hub shows and git prints
 URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 # What the Hub checks in a Space's README metadata on every commit (docs: spaces-config-reference)
 SPACE_SDKS = ("gradio", "docker", "static", "streamlit")
@@ -73,7 +74,11 @@ class Repo:
     variables: dict[str, dict] = field(default_factory=dict)  # a Space's variables, as the API lists them
 
     def resolve(self, revision: str) -> Commit | None:
-        return self.commits.get(self.branches.get(revision) or self.tags.get(revision) or revision)
+        sha = self.branches.get(revision) or self.tags.get(revision) or revision
+        if sha not in self.commits and SHORT_SHA.fullmatch(revision):  # the Hub takes a unique prefix, as git does
+            found = [commit for commit in self.commits if commit.startswith(revision)]
+            sha = found[0] if len(found) == 1 else sha
+        return self.commits.get(sha)
 
     def commit(self, branch: str, tree: dict[str, Blob], message: str) -> Commit:
         parent = self.resolve(branch)

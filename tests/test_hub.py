@@ -115,9 +115,13 @@ def test_download_whole_model_folder_pinned_then_offline(local_hub, tiny_export,
     assert Path(latest["folder"]).name == local_hub.commits("test/model")[-1]
     assert (Path(latest["folder"]) / "README.md").read_text().endswith("A later card\n")
 
+    short = load_in_subprocess(f"hf-hub:test/model@{first[:7]}", image, local_hub, tmp_path / "hf")
+    assert Path(short["folder"]).name == first  # a short commit id, as the Hub's pages show it
+
     local_hub.stop()  # no network from here on
-    offline = load_in_subprocess(f"hf-hub:test/model@{first}", image, local_hub, tmp_path / "hf", offline=True)
-    assert offline["probs"] == pytest.approx(local.probabilities, abs=1e-6)
+    for pin in (first, first[:7]):
+        offline = load_in_subprocess(f"hf-hub:test/model@{pin}", image, local_hub, tmp_path / "hf", offline=True)
+        assert offline["probs"] == pytest.approx(local.probabilities, abs=1e-6)
     unreachable = load_in_subprocess("hf-hub:test/model", image, local_hub, tmp_path / "hf")
     assert unreachable["folder"] == latest["folder"]  # the Hub does not answer: main as last cached
     missing = load_in_subprocess("hf-hub:test/other", image, local_hub, tmp_path / "hf", offline=True)
