@@ -40,10 +40,20 @@ SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cat", "cell", "checkerboard",
                   "coins", "colorwheel", "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry",
                   "logo", "microaneurysms", "moon", "page", "retina", "rocket", "shepp_logan_phantom",
                   "stereo_motorcycle", "text")
-# photographs that ship inside other installed packages: name -> (package, file in it)
+# pictures that ship inside other pinned packages (photographs, logos, a screenshot): name -> (package, file)
 PACKAGE_PHOTOS = {"grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+                  "gift_icon": ("matplotlib", "mpl-data/sample_data/Minduka_Present_Blue_Pack.png"),
+                  "matplotlib_logo": ("matplotlib", "mpl-data/sample_data/logo2.png"),
                   "china": ("sklearn", "datasets/images/china.jpg"),
-                  "flower": ("sklearn", "datasets/images/flower.jpg")}
+                  "flower": ("sklearn", "datasets/images/flower.jpg"),
+                  "cheetah": ("gradio", "media_assets/images/cheetah.jpg"),
+                  "cheetah_face": ("gradio", "media_assets/images/cheetah1.jpg"),
+                  "cheetah_cub": ("gradio", "test_data/cheetah2.jpg"),
+                  "groot": ("gradio", "media_assets/images/groot.jpeg"),
+                  "lion": ("gradio", "media_assets/images/lion.jpg"),
+                  "eiffel_tower": ("gradio", "media_assets/images/tower.jpg"),
+                  "gradio_screenshot": ("gradio", "media_assets/images/screenshot.gif"),
+                  "hf_logo": ("gradio", "media_assets/images/hf-logo_transpng.png")}
 PHOTO_SAMPLES = SKIMAGE_PHOTOS + tuple(PACKAGE_PHOTOS)
 
 
