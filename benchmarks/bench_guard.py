@@ -38,7 +38,8 @@ def main(argv=None) -> int:
         _, report = fit_guard(outputs, clinics, weigh_clinics=weigh)
         held = report["cross_validated"]
         rows.append({"variant": variant, "photos": len(outputs["photos"]["labels"]),
-                     "photos_flagged": held["photos_flagged"], "skin_photos_flagged": held.get("skin_photos_flagged"),
+                     "photos_flagged": held["photos_flagged"], "photos_passed": held["photos_passed"],
+                     "skin_photos_flagged": held.get("skin_photos_flagged"),
                      "validation_flagged": held["validation_flagged"],
                      "auroc_validation_vs_skin_photos": held.get("auroc_validation_vs_skin_photos"),
                      "unseen_clinics": report["unseen_clinics"]})

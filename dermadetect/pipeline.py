@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
@@ -52,11 +53,12 @@ PLOTS = ("confusion_matrix.png", "roc_curves.png", "training_curves.png", "gradc
 GALLERY_PER_CLASS = 2    # correct and wrong test cases per class in the Grad-CAM gallery
 # views per split in the evaluation pass: train feeds the guard and the class prior; validation chooses
 # test-time augmentation, temperature and thresholds; test is scored. The guard also learns from shifted copies
-# of train (its threshold from those of validation), the ordinary photos and the guard's photos of skin
+# of train (its threshold from those of validation) and from framings of the ordinary pictures and of the guard's
+# photos of skin
 SPLIT_VIEWS = {"train": 1, "train_shifted": 1, "validation": TTA_VIEWS, "validation_shifted": 1, "test": TTA_VIEWS,
-               "photos": TTA_VIEWS, "guard_photos": 1}
-GUARD_SHIFT = 0.5        # chance of each upload shift in the guard's shifted copies
-GUARD_VIEWS = 8          # random framings of each guard photo, besides the photo as taken
+               "photos": TTA_VIEWS, "photo_framings": 1, "guard_photos": 1}
+GUARD_SHIFT = 0.5        # chance of each upload shift in the guard's shifted copies and framings
+GUARD_VIEWS = 8          # random framings of each guard photo and picture, besides the one as taken
 
 
 class RunFolderError(RuntimeError):
@@ -80,19 +82,21 @@ class ShiftedCopies(Dataset):
         return {"pixel_values": self.transform(image), "label": self.index[row["dx"]]}
 
 
-class GuardPhotos(Dataset):
-    """Each photo of the guard's folder as taken (opened as an upload is) and in GUARD_VIEWS random framings
-    through the upload shifts; the label is the photo's index."""
+class Framings(Dataset):
+    """Each photo as taken and in GUARD_VIEWS random framings through the upload shifts, row i drawn from seed i
+    so that every pass (and the guard fitted on it) is the same; the label is the photo's index. A photo is a
+    file (opened as an upload is) or a PIL image."""
 
-    def __init__(self, files, transform):
-        self.files, self.transform, self.shift = files, transform, RandomShift(GUARD_SHIFT)
+    def __init__(self, photos, transform):
+        self.photos, self.transform, self.shift = photos, transform, RandomShift(GUARD_SHIFT)
 
     def __len__(self):
-        return len(self.files) * (GUARD_VIEWS + 1)
+        return len(self.photos) * (GUARD_VIEWS + 1)
 
     def __getitem__(self, i):
         photo, view = divmod(i, GUARD_VIEWS + 1)
-        image = open_image(self.files[photo])
+        image = self.photos[photo]
+        image = image if isinstance(image, Image.Image) else open_image(image)
         if view:
             rng = random.Random(i)
             image = self.shift(random_view(image, rng), rng)
@@ -174,19 +178,24 @@ def evaluate_backbone(name: str, cfg: RunConfig, data: LesionData, accelerator: 
     tables = {split: LabelledImages(data.splits[split], names, eval_tf) for split in ("train", "validation", "test")}
     for split in ("train", "validation"):
         tables[f"{split}_shifted"] = ShiftedCopies(data.splits[split], names, eval_tf)
-    tables["photos"] = [{"pixel_values": eval_tf(image), "label": -1} for _, image in photo_samples()]
+    pictures = [image for _, image in photo_samples()]
+    tables["photos"] = [{"pixel_values": eval_tf(image), "label": -1} for image in pictures]
+    tables["photo_framings"] = Framings(pictures, eval_tf)
     guard_files = guard_photo_files(cfg.data.guard_photos) if cfg.data.guard_photos else []
     if guard_files:
-        tables["guard_photos"] = GuardPhotos(guard_files, eval_tf)
+        tables["guard_photos"] = Framings(guard_files, eval_tf)
     splits = [split for split in SPLIT_VIEWS if split in tables]
     loaders = [DataLoader(tables[split], batch_size=cfg.train.batch_size, num_workers=cfg.data.num_workers,
                           worker_init_fn=yield_to_compute, collate_fn=collate) for split in splits]
     model, *loaders = accelerator.prepare(model, *loaders)
     outputs = {split: collect_outputs(model, loader, accelerator, SPLIT_VIEWS[split], desc=f"{name} {split}")
                for split, loader in zip(splits, loaders)}
-    if guard_files:  # which photo and which framing each row is, for the guard's cross-validation
-        views = np.arange(len(tables["guard_photos"])) % (GUARD_VIEWS + 1)
-        outputs["guard_photos"].update(names=np.array([f.name for f in guard_files]), views=views,
+    # which framing each row is (the label: which photo), for the guard's cross-validation
+    for split in ("photo_framings", "guard_photos"):
+        if split in outputs:
+            outputs[split]["views"] = np.arange(len(tables[split])) % (GUARD_VIEWS + 1)
+    if guard_files:
+        outputs["guard_photos"].update(names=np.array([f.name for f in guard_files]),
                                        folder=np.array(str(cfg.data.guard_photos)))
     if accelerator.is_main_process:
         for split, arrays in outputs.items():
@@ -231,7 +240,8 @@ def read_outputs(run_dir: Path, name: str, cfg: RunConfig, data: LesionData) -> 
     outputs = {split: dict(np.load(outputs_path(run_dir, name, split))) for split in expected}
     sizes = {split: len(data.splits[split]) for split in ("train", "validation", "test")}
     if any(len(outputs[split]["labels"]) != size for split, size in sizes.items()) or \
-            len(outputs["photos"]["labels"]) != len(PHOTO_SAMPLES):
+            len(outputs["photos"]["labels"]) != len(PHOTO_SAMPLES) or \
+            len(outputs["photo_framings"]["labels"]) != len(PHOTO_SAMPLES) * (GUARD_VIEWS + 1):
         raise RunFolderError(f"{name}'s evaluation outputs were written for other images than this version and "
                              f"the run's data give: run `python -m dermadetect evaluate {run_dir}` again")
     return outputs

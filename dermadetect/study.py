@@ -115,7 +115,8 @@ def fit_guard(outputs: dict[str, dict], clinics: dict[str, np.ndarray] | None = 
     """The served guard and its report. Dermoscopy: the training images, clean and through the upload shifts,
     each clinic weighed equally when `clinics` (train and validation: the clinic of each image) names them
     (`weigh_clinics` False pools them, for benchmarks/bench_guard.py);
-    not dermoscopy: the skin photos (each with random framings) and the ordinary photos. The threshold passes
+    not dermoscopy: the skin photos and the ordinary pictures, each as taken and in random framings (which
+    teach the head more than the one picture, docs/results.md). The threshold passes
     GUARD_KEEP of the validation images, clean and shifted. The photos' flag rates come from cross-validation:
     each fold scored by a guard fitted without it (skin photos grouped by lesion). Each clinic's validation
     images are also scored by a guard fitted without that clinic: how the guard treats dermoscopy from a
@@ -123,12 +124,15 @@ def fit_guard(outputs: dict[str, dict], clinics: dict[str, np.ndarray] | None = 
     train = outputs["train"]
     shifted = outputs["train_shifted"]["features"]
     validation = [outputs["validation"]["features"], outputs["validation_shifted"]["features"]]
-    photos = outputs["photos"]["features"]
+    photos, framings = outputs["photos"]["features"], outputs["photo_framings"]
     skin = outputs.get("guard_photos")
     everything = slice(None)
 
-    def fit(skin_rows, photo_rows, seen=everything, seen_validation=everything) -> DermoscopyGuard:
-        negatives = [photos[photo_rows]] + ([skin["features"][skin_rows]] if skin is not None else [])
+    def fit(skin_rows=everything, pictures=np.ones(len(photos), dtype=bool), seen=everything,
+            seen_validation=everything) -> DermoscopyGuard:
+        negatives = [framings["features"][pictures[framings["labels"]]]]
+        if skin is not None:
+            negatives.append(skin["features"][skin_rows])
         features, labels = train["features"][seen], train["labels"][seen]
         groups = np.tile(clinics["train"][seen], 2) if clinics is not None and weigh_clinics else None
         guard = DermoscopyGuard.fit(features, labels, np.vstack([features, shifted[seen]]), np.vstack(negatives),
@@ -137,7 +141,7 @@ def fit_guard(outputs: dict[str, dict], clinics: dict[str, np.ndarray] | None = 
                                             GUARD_KEEP))
         return guard
 
-    guard = fit(everything, everything)
+    guard = fit()
     photo_fold = np.arange(len(photos)) % GUARD_FOLDS
     if skin is not None:
         lesions = np.array([lesion_of(n) for n in skin["names"]])[skin["labels"]]  # per row (views of a photo)
@@ -147,8 +151,8 @@ def fit_guard(outputs: dict[str, dict], clinics: dict[str, np.ndarray] | None = 
         first_view = skin["views"] == 0  # the photos as taken are scored; their framings only train
     held_skin, held_photos, held_validation = [], [], []
     for k in range(GUARD_FOLDS):
-        fold = fit(skin_fold != k if skin is not None else None, photo_fold != k)
-        held_photos.append(fold.score(photos[photo_fold == k]) > fold.threshold)
+        fold = fit(skin_fold != k if skin is not None else everything, photo_fold != k)
+        held_photos.append((np.flatnonzero(photo_fold == k), fold.score(photos[photo_fold == k]) > fold.threshold))
         validation_margin = fold.score(validation[0]) - fold.threshold
         held_validation.append(validation_margin > 0)
         if skin is not None:
@@ -156,15 +160,19 @@ def fit_guard(outputs: dict[str, dict], clinics: dict[str, np.ndarray] | None = 
             held_skin.append((fold.score(skin["features"][held]) - fold.threshold, validation_margin))
     report = {
         "method": "dermoscopy-vs-not logistic head on penultimate features and their log Mahalanobis distance to "
-                  "the nearest training class (shared Ledoit-Wolf covariance)" +
+                  "the nearest training class (shared Ledoit-Wolf covariance); not dermoscopy: the pictures and "
+                  "photos of skin, each as taken and in random framings" +
                   (", each training clinic weighed equally" if clinics is not None and weigh_clinics else ""),
         "threshold": guard.threshold,
         "threshold_rule": f"{GUARD_KEEP:.0%} of validation images pass, clean and through the upload shifts",
         "photos": list(PHOTO_SAMPLES),
+        "picture_views": int(framings["views"].max()) + 1,
         "validation_flagged": float(np.mean(guard.score(validation[0]) > guard.threshold)),
         "validation_shifted_flagged": float(np.mean(guard.score(validation[1]) > guard.threshold)),
         "cross_validated": {"folds": GUARD_FOLDS,
-                            "photos_flagged": float(np.mean(np.concatenate(held_photos))),
+                            "photos_flagged": float(np.mean(np.concatenate([f for _, f in held_photos]))),
+                            "photos_passed": [PHOTO_SAMPLES[i] for rows, flagged in held_photos
+                                              for i in rows[~flagged]],
                             "validation_flagged": float(np.mean(held_validation))},
         "skin_photos": None,
         "unseen_clinics": unseen_clinics(fit, clinics, validation),
@@ -205,7 +213,7 @@ def unseen_clinics(fit, clinics: dict[str, np.ndarray] | None, validation: list[
         held, seen = clinics["validation"] == clinic, clinics["train"] != clinic
         if min(held.sum(), (~held).sum(), seen.sum()) < GUARD_MIN_CLINIC:
             continue
-        guard = fit(slice(None), slice(None), seen, ~held)
+        guard = fit(seen=seen, seen_validation=~held)
         report[str(clinic)] = {"validation_images": int(held.sum()),
                                "flagged": float(np.mean(guard.score(validation[0][held]) > guard.threshold)),
                                "shifted_flagged": float(np.mean(guard.score(validation[1][held]) > guard.threshold))}

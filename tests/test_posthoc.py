@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from dermadetect.metrics import bootstrap_intervals, operating_point, reliability_bins, threshold_for_sensitivity
 from dermadetect.posthoc import (GUARD_REGULARISATION, DermoscopyGuard, adjusted_decisions, dihedral_batch,
                                  energy_score, fit_adjustment_strength, fit_temperature, nll, softmax)
-from dermadetect.study import fit_guard
+from dermadetect.study import PHOTO_SAMPLES, fit_guard
 
 LABELS = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 
@@ -206,8 +206,15 @@ def test_guard_reports_how_it_flags_a_clinic_it_was_fitted_without():
                "train_shifted": {"features": train + rng.normal(0, 0.3, train.shape)},
                "validation": {"features": validation},
                "validation_shifted": {"features": validation + rng.normal(0, 0.3, validation.shape)},
-               "photos": {"features": rng.normal(0, 1, (50, 4)) + [5, 5, 0, 5]}}
+               "photos": {"features": rng.normal(0, 1, (len(PHOTO_SAMPLES), 4)) + [5, 5, 0, 5]},
+               "photo_framings": {"features": rng.normal(0, 1, (2 * len(PHOTO_SAMPLES), 4)) + [5, 5, 0, 5],
+                                  "labels": np.arange(2 * len(PHOTO_SAMPLES)) // 2,
+                                  "views": np.arange(2 * len(PHOTO_SAMPLES)) % 2}}
+    # one picture (and its framings) looks like the dermoscopy: held out, it is the one that passes
+    outputs["photos"]["features"][3] = validation[0]
+    outputs["photo_framings"]["features"][6:8] = validation[1:3]
     _, report = fit_guard(outputs, {"train": train_clinic, "validation": validation_clinic})
+    assert report["cross_validated"]["photos_passed"] == [PHOTO_SAMPLES[3]]
     unseen = report["unseen_clinics"]
     assert set(unseen) == set(centres) and unseen["far"]["validation_images"] == 100
     assert unseen["far"]["flagged"] > 0.5 and unseen["far"]["shifted_flagged"] > 0.5

@@ -66,6 +66,28 @@ def test_random_shift_is_seeded_and_off_at_zero(ham224):
     assert np.array_equal(*draws) and not np.array_equal(draws[0], np.asarray(image))
 
 
+def test_framings_are_the_photo_as_taken_then_other_views_the_same_every_time(tmp_path):
+    """The guard's negatives: view 0 of a photo is the photo as an upload is served, the other views are other
+    framings, each the same on every pass (the guard's fit is reproducible), whether the photo is a file or an
+    image in memory."""
+    from torchvision.transforms import v2 as T
+
+    from dermadetect.pipeline import GUARD_VIEWS, Framings
+
+    transform = T.Compose([T.Resize((64, 64)), T.PILToTensor()])
+    picture = stripes(300)
+    stripes(200).save(tmp_path / "photo.png")
+    framings = Framings([picture, tmp_path / "photo.png"], transform)
+    assert len(framings) == 2 * (GUARD_VIEWS + 1)
+    assert [framings[i]["label"] for i in range(len(framings))] == [0] * 9 + [1] * 9
+    assert framings[0]["pixel_values"].equal(transform(picture))
+    with Image.open(tmp_path / "photo.png") as photo:
+        assert framings[GUARD_VIEWS + 1]["pixel_values"].equal(transform(photo.convert("RGB")))
+    views = [framings[i]["pixel_values"] for i in range(1, GUARD_VIEWS + 1)]
+    assert all(not view.equal(framings[0]["pixel_values"]) for view in views)
+    assert all(view.equal(framings[i + 1]["pixel_values"]) for i, view in enumerate(views))
+
+
 def test_benchmark_scores_as_the_predictor_serves(ham224, tmp_path):
     """The benchmark's batched served call (TTA, temperature, class-balanced call, melanoma threshold, guard) equals
     the Predictor's, one image at a time, on the bundled model and its examples."""

@@ -22,12 +22,13 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, 
 
 from conftest import REPO, SMALL_RUN, read_metadata, read_predictions, run_train, write_metadata
 from dermadetect.config import DEFAULT_BACKBONES
+from dermadetect.study import PHOTO_SAMPLES
 
 PER_BACKBONE_FILES = ("metrics.json", "confusion_matrix.png", "roc_curves.png", "training_curves.png",
                       "predictions_validation.csv", "predictions_test.csv", "best/model.safetensors",
                       "state/trainer_state.json", "explain_faithfulness.json", "gradcam_gallery.png",
                       "outputs_train.npz", "outputs_validation.npz", "outputs_test.npz", "outputs_photos.npz",
-                      "outputs_train_shifted.npz", "outputs_validation_shifted.npz",
+                      "outputs_train_shifted.npz", "outputs_validation_shifted.npz", "outputs_photo_framings.npz",
                       "analysis.json", "posthoc.json", "ood.safetensors", "reliability_diagram.png",
                       "predictions_calibrated_validation.csv", "predictions_calibrated_test.csv",
                       "export/config.json", "export/model.safetensors", "export/ood.safetensors",
@@ -53,8 +54,14 @@ def test_smoke_run_writes_every_artifact(smoke_run):
         # each guard photo as taken and in 8 framings, marked so the guard's cross-validation can group them
         photos = np.load(smoke_run / backbone / "outputs_guard_photos.npz")
         assert len(photos["labels"]) == 9 * len(photos["names"]) and set(photos["views"]) == set(range(9))
-        skin = json.loads((smoke_run / backbone / "analysis.json").read_text())["ood"]["skin_photos"]
-        assert skin["photos"] == len(photos["names"]) == skin["lesions"]
+        ood = json.loads((smoke_run / backbone / "analysis.json").read_text())["ood"]
+        assert ood["skin_photos"]["photos"] == len(photos["names"]) == ood["skin_photos"]["lesions"]
+        # so is each ordinary picture, its view 0 being the picture as taken (as the photos split scores it)
+        framings = np.load(smoke_run / backbone / "outputs_photo_framings.npz")
+        pictures = np.load(smoke_run / backbone / "outputs_photos.npz")["features"]
+        assert np.array_equal(framings["labels"], np.repeat(np.arange(len(PHOTO_SAMPLES)), 9))
+        assert ood["picture_views"] == 9 and np.array_equal(framings["views"], np.tile(np.arange(9), len(pictures)))
+        np.testing.assert_allclose(framings["features"][framings["views"] == 0], pictures, rtol=1e-4, atol=1e-4)
         for plot in ("confusion_matrix.png", "roc_curves.png", "training_curves.png"):
             with Image.open(smoke_run / backbone / plot) as im:
                 assert im.size[0] > 300 and im.size[1] > 200
