@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from torchvision.transforms import v2 as T
 
 from conftest import REPO
 from dermadetect.inference import Predictor
+from dermadetect.pipeline import GUARD_VIEWS, Framings
 from dermadetect.shift import DEGRADATIONS, RandomShift, colour_cast, rescale, stretch
 
 BUNDLED = next((REPO / "models").glob("dermadetect-*"))
@@ -70,10 +72,6 @@ def test_framings_are_the_photo_as_taken_then_other_views_the_same_every_time(tm
     """The guard's negatives: view 0 of a photo is the photo as an upload is served, the other views are other
     framings, each the same on every pass (the guard's fit is reproducible), whether the photo is a file or an
     image in memory."""
-    from torchvision.transforms import v2 as T
-
-    from dermadetect.pipeline import GUARD_VIEWS, Framings
-
     transform = T.Compose([T.Resize((64, 64)), T.PILToTensor()])
     picture = stripes(300)
     stripes(200).save(tmp_path / "photo.png")
