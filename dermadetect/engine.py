@@ -93,11 +93,12 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator: A
 
 @torch.inference_mode()
 def collect_outputs(model, loader, accelerator: Accelerator, views: int = 1, desc: str = "eval") -> dict[str, np.ndarray]:
-    """The one evaluation pass: logits of every view (N, views, C), penultimate features of view 0 (N, D) and
-    labels (N,) of a prepared loader, on the accelerator's device, gathered from every process without
-    duplicates. Every metric, calibration and threshold is derived from these arrays."""
+    """The one evaluation pass: logits of every view (N, views, C), the guard's features of view 0 (N, W; the
+    first `penultimate` of them the penultimate features) and labels (N,) of a prepared loader, on the
+    accelerator's device, gathered from every process without duplicates. Every metric, calibration and
+    threshold is derived from these arrays."""
     model.eval()
-    network = accelerator.unwrap_model(model)  # forward_features/forward_head live on the timm module
+    network = accelerator.unwrap_model(model)  # forward_intermediates/forward_head live on the timm module
     logits, features, labels = [], [], []
     bar = tqdm(loader, desc=f"{desc} x {views} view(s)", leave=False, disable=not accelerator.is_main_process)
     for pixels, targets in bar:
@@ -108,7 +109,7 @@ def collect_outputs(model, loader, accelerator: Accelerator, views: int = 1, des
         features.append(f.cpu())
         labels.append(targets.cpu())
     return {"logits": torch.cat(logits).numpy(), "features": torch.cat(features).numpy(),
-            "labels": torch.cat(labels).numpy()}
+            "labels": torch.cat(labels).numpy(), "penultimate": np.array(network.head_hidden_size)}
 
 
 def save_checkpoint(accelerator: Accelerator, state: TrainerState, backbone_dir: Path) -> None:

@@ -33,7 +33,7 @@ class Explanation:
     decision: int               # the class called: argmax of the logits plus the model's offsets (if any)
     class_index: int            # the class the CAM explains (default: the decision)
     cam: np.ndarray             # (H, W) in [0, 1], at the model's input resolution
-    pre_logits: np.ndarray      # (D,) penultimate features of the original view (for the OOD score)
+    guard_features: np.ndarray  # (W,) the guard's features of the original view (for the OOD score)
 
 
 class CamExplainer:
@@ -62,8 +62,9 @@ class CamExplainer:
             raise ValueError(f"unknown CAM method {method!r}; choose one of {sorted(self._cams)}")
         cam_obj = self._cams[method]
         with torch.no_grad():
-            all_features, view_logits, pre_logits = forward_views(self.model, pixels[:1], self.settings.tta_views)
-        view_logits, pre_logits = view_logits[0], pre_logits[0].numpy()
+            all_features, view_logits, guard_features = forward_views(self.model, pixels[:1],
+                                                                      self.settings.tta_views)
+        view_logits, guard_features = view_logits[0], guard_features[0].numpy()
         probs, decisions = served_call(self.settings, view_logits.numpy()[None])
         probs, decision = probs[0], int(decisions[0])
         index = decision if class_index is None else int(class_index)
@@ -82,7 +83,8 @@ class CamExplainer:
         height, width = pixels.shape[-2:]
         scaled = scale_cam_image(np.maximum(cam, 0), (width, height))
         cam = cam_obj.aggregate_multi_layers([scaled[:, None, :]])[0]
-        return Explanation(probabilities=probs, decision=decision, class_index=index, cam=cam, pre_logits=pre_logits)
+        return Explanation(probabilities=probs, decision=decision, class_index=index, cam=cam,
+                           guard_features=guard_features)
 
 
 def crop_box(image_size: tuple[int, int], data_config: dict) -> tuple[float, float, float, float]:

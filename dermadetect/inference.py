@@ -163,7 +163,7 @@ class Predictor:
         class_index = self.label_names.index(explain) if isinstance(explain, str) else explain
         result = self.explainer(self.preprocess(image), class_index, method or self.default_method)
         probabilities = {name: float(p) for name, p in zip(self.label_names, result.probabilities)}
-        ood_score = float(self.ood.score(result.pre_logits[None])[0]) if self.ood else None
+        ood_score = float(self.ood.score(result.guard_features[None])[0]) if self.ood else None
         threshold = self.settings.melanoma_threshold
         melanoma_flag = (bool(result.probabilities[self.melanoma_index] >= threshold)
                          if threshold is not None and self.melanoma_index is not None else None)

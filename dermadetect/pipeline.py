@@ -238,6 +238,9 @@ def read_outputs(run_dir: Path, name: str, cfg: RunConfig, data: LesionData) -> 
         raise RunFolderError(f"{name} has no (or older) evaluation outputs: run `python -m dermadetect evaluate "
                              f"{run_dir}`")
     outputs = {split: dict(np.load(outputs_path(run_dir, name, split))) for split in expected}
+    if not all("penultimate" in arrays for arrays in outputs.values()):
+        raise RunFolderError(f"{name}'s evaluation outputs hold no guard features (written by an older version): "
+                             f"run `python -m dermadetect evaluate {run_dir}` again")
     sizes = {split: len(data.splits[split]) for split in ("train", "validation", "test")}
     if any(len(outputs[split]["labels"]) != size for split, size in sizes.items()) or \
             len(outputs["photos"]["labels"]) != len(PHOTO_SAMPLES) or \

@@ -1,7 +1,7 @@
 """What a trained model carries besides its weights, fitted on validation (or train) after training and used by
 the Predictor: test-time augmentation, temperature scaling, a class-balanced decision (post-hoc logit
 adjustment), a melanoma operating point, and an out-of-distribution guard (a dermoscopy-vs-not head on
-penultimate features and their Mahalanobis distance).
+penultimate features, the means of the last feature stages and the Mahalanobis distance).
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ OOD_FILE = "ood.safetensors"
 MELANOMA_TARGET_SENSITIVITY = 0.85   # the melanoma threshold is the highest P(mel) that catches this share
 ADJUSTMENT_STRENGTHS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 GUARD_REGULARISATION = 0.01   # inverse L2 strength of the guard's head (C), chosen on validation
+# the guard also sees the spatial means of the network's last feature stages (timm's feature_info): they keep
+# more of an image's look than the penultimate features, and separate photos from dermoscopy better
+GUARD_STAGES = 2
 SCHEMA_VERSION = 2     # of the "dermadetect" section of an export's config.json
 DEFAULT_CAM_METHOD = "gradcam"
 
@@ -82,12 +85,19 @@ def dihedral_batch(pixels: torch.Tensor, views: int = TTA_VIEWS) -> torch.Tensor
 def forward_views(model: torch.nn.Module, pixels: torch.Tensor, views: int = 1
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The one forward pass every prediction goes through: the feature maps of every view (B * views, ...),
-    the logits of every view (B, views, C) and the penultimate features of view 0 (B, D). No grad is taken
-    here; the caller decides (the CAM differentiates the head on the returned feature maps)."""
-    features = model.forward_features(dihedral_batch(pixels, views))
+    the logits of every view (B, views, C) and the guard's features of view 0 (B, guard_width(model)): the
+    penultimate features, then the spatial mean of each of the last GUARD_STAGES feature stages. No grad is
+    taken here; the caller decides (the CAM differentiates the head on the returned feature maps)."""
+    features, stages = model.forward_intermediates(dihedral_batch(pixels, views), indices=GUARD_STAGES)
     logits = model.forward_head(features).float()
     pre_logits = model.forward_head(features[::views], pre_logits=True).float()
-    return features, logits.view(len(pixels), views, -1), pre_logits
+    guard = torch.cat([pre_logits] + [stage[::views].float().mean(dim=(2, 3)) for stage in stages], dim=1)
+    return features, logits.view(len(pixels), views, -1), guard
+
+
+def guard_width(model: torch.nn.Module) -> int:
+    """The width of forward_views' guard features for this network."""
+    return model.head_hidden_size + sum(stage["num_chs"] for stage in model.feature_info[-GUARD_STAGES:])
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -162,29 +172,30 @@ def mahalanobis_fit(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
 
 @dataclass
 class DermoscopyGuard:
-    """Whether an upload looks like dermoscopy at all, from the penultimate features of view 0: a logistic
-    dermoscopy-vs-not head whose inputs are the features and their log Mahalanobis distance to the nearest
-    training class mean. Fitted with training images (clean and through the upload shifts) as dermoscopy and
-    photos of skin without a dermatoscope plus ordinary photos as not. The score is the head's logit: higher =
-    less like dermoscopy; above `threshold` the image is flagged."""
+    """Whether an upload looks like dermoscopy at all, from the guard's features of view 0 (forward_views): a
+    logistic dermoscopy-vs-not head whose inputs are those features and the log Mahalanobis distance of their
+    penultimate part to the nearest training class mean. Fitted with training images (clean and through the
+    upload shifts) as dermoscopy and photos of skin without a dermatoscope plus ordinary photos as not. The score
+    is the head's logit: higher = less like dermoscopy; above `threshold` the image is flagged."""
 
-    means: torch.Tensor          # (C, D) class means of the training features
-    precision: torch.Tensor      # (D, D) their shared precision
-    centre: torch.Tensor         # (D + 1,) standardisation of the head's inputs
-    scale: torch.Tensor          # (D + 1,)
-    weight: torch.Tensor         # (D + 1,) the head
+    means: torch.Tensor          # (C, P) class means of the training images' penultimate features
+    precision: torch.Tensor      # (P, P) their shared precision
+    centre: torch.Tensor         # (W + 1,) standardisation of the head's inputs (W: the guard's features)
+    scale: torch.Tensor          # (W + 1,)
+    weight: torch.Tensor         # (W + 1,) the head
     bias: torch.Tensor           # ()
     threshold: float = math.inf
 
     @classmethod
     def fit(cls, train_features: np.ndarray, train_labels: np.ndarray, dermoscopy: np.ndarray,
-            not_dermoscopy: np.ndarray, strength: float = GUARD_REGULARISATION,
+            not_dermoscopy: np.ndarray, penultimate: int, strength: float = GUARD_REGULARISATION,
             groups: np.ndarray | None = None) -> "DermoscopyGuard":
-        """Class Gaussians from the clean training features; the head from `dermoscopy` vs `not_dermoscopy`
+        """Class Gaussians from the clean training images' penultimate features (the first `penultimate`
+        columns); the head from `dermoscopy` vs `not_dermoscopy`
         features, the two sides weighted equally (the negatives are few). `groups` (the clinic of each
         dermoscopy row) weighs each clinic equally, so that the head does not learn the largest clinic's
         look as "dermoscopy" and flag images from clinics it never saw (docs/results.md)."""
-        means, precision = mahalanobis_fit(train_features, train_labels)
+        means, precision = mahalanobis_fit(np.asarray(train_features)[:, :penultimate], train_labels)
         # float32 as saved, so the fitted and the loaded guard score alike
         guard = cls(*(torch.tensor(a, dtype=torch.float32) for a in (means, precision)),
                     *(torch.zeros(()) for _ in range(4)))
@@ -205,14 +216,19 @@ class DermoscopyGuard:
         return guard
 
     def mahalanobis(self, features) -> np.ndarray:
-        """Squared Mahalanobis distance of each feature row to the nearest class mean."""
-        f = torch.as_tensor(np.asarray(features), dtype=torch.float64)
-        diff = f[:, None, :] - self.means.double()[None]                              # (N, C, D)
+        """Squared Mahalanobis distance of each row's penultimate features to the nearest class mean."""
+        f = torch.as_tensor(np.asarray(features)[:, :self.means.shape[1]], dtype=torch.float64)
+        diff = f[:, None, :] - self.means.double()[None]                              # (N, C, P)
         return torch.einsum("ncd,de,nce->nc", diff, self.precision.double(), diff).min(dim=1).values.numpy()
 
     def inputs(self, features) -> np.ndarray:
         features = np.asarray(features, dtype=np.float64)
         return np.hstack([features, np.log(np.maximum(self.mahalanobis(features), 1e-12))[:, None]])
+
+    @property
+    def width(self) -> int:
+        """How many features the guard scores (guard_width of its network)."""
+        return self.weight.numel() - 1
 
     def score(self, features) -> np.ndarray:
         standardised = (self.inputs(features) - self.centre.double().numpy()) / self.scale.double().numpy()
@@ -221,7 +237,8 @@ class DermoscopyGuard:
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / OOD_FILE
         save_file({name: getattr(self, name).contiguous() for name in GUARD_TENSORS}, str(path),
-                  metadata={"method": "dermoscopy-vs-not logistic head on penultimate features + log Mahalanobis",
+                  metadata={"method": "dermoscopy-vs-not logistic head on penultimate features, last stages' "
+                                      "means + log Mahalanobis",
                             "threshold": repr(self.threshold)})
         return path
 

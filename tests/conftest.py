@@ -40,6 +40,24 @@ def ham224() -> Path:
     return path
 
 
+def guard_features_by_hooks(model, pixels) -> np.ndarray:
+    """What the guard scores, read the long way: the penultimate features from forward_features and
+    forward_head, then the spatial mean of each of the last two feature stages' outputs, caught by forward
+    hooks on the modules timm's feature_info names."""
+    import torch
+
+    caught = []
+    handles = [model.get_submodule(stage["module"]).register_forward_hook(lambda _, __, out: caught.append(out))
+               for stage in model.feature_info[-2:]]
+    try:
+        with torch.no_grad():
+            pre_logits = model.forward_head(model.forward_features(pixels), pre_logits=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.cat([pre_logits] + [out.mean(dim=(2, 3)) for out in caught], dim=1).numpy()
+
+
 def read_metadata(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -192,7 +210,7 @@ def tiny_export(tmp_path_factory) -> Path:
     from dermadetect.hub import export_for_hub
     from dermadetect.labels import HAM10000_CLASSES
     from dermadetect.pipeline import write_examples
-    from dermadetect.posthoc import DermoscopyGuard, PostHocSettings
+    from dermadetect.posthoc import DermoscopyGuard, PostHocSettings, guard_width
 
     torch.manual_seed(0)
     model = timm.create_model("convnextv2_atto", num_classes=len(HAM10000_CLASSES)).eval()
@@ -203,9 +221,9 @@ def tiny_export(tmp_path_factory) -> Path:
     export = export_for_hub(model, "convnextv2_atto", HAM10000_CLASSES, data_config,
                             tmp_path_factory.mktemp("tiny") / "export", settings)
     rng = np.random.default_rng(0)
-    features = rng.normal(size=(70, model.num_features))
+    features = rng.normal(size=(70, guard_width(model)))
     guard = DermoscopyGuard.fit(features, np.arange(70) % len(HAM10000_CLASSES), features,
-                                rng.normal(1.0, size=(30, model.num_features)))
+                                rng.normal(1.0, size=(30, guard_width(model))), penultimate=model.head_hidden_size)
     guard.threshold = settings.ood_threshold
     guard.save(export)
     examples = []

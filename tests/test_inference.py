@@ -175,6 +175,14 @@ def edit_config(folder, **changes):
     (folder / "config.json").write_text(json.dumps(config))
 
 
+def penultimate_only_guard(folder):
+    """A guard of the previous kind, which scored the penultimate features alone (512 for resnet18)."""
+    edit_config(folder, ood_threshold=1.0)
+    save_file({"means": torch.zeros(7, 512), "precision": torch.eye(512), "centre": torch.zeros(513),
+               "scale": torch.ones(513), "weight": torch.zeros(513), "bias": torch.zeros(())},
+              str(folder / "ood.safetensors"))
+
+
 DAMAGED_FOLDERS = {
     "config.json cannot be read": lambda f: (f / "config.json").write_text('{"label_names": ["akiec", '),
     "config.json is not a timm model config": lambda f: (f / "config.json").write_text('["resnet18"]'),
@@ -184,6 +192,7 @@ DAMAGED_FOLDERS = {
         (f / "model.safetensors").read_bytes()[:1000]),
     "ood.safetensors cannot be read": lambda f: (edit_config(f, ood_threshold=1.0),
                                                  (f / "ood.safetensors").write_bytes(b"\x00" * 16)),
+    "ood.safetensors scores 512 features but this network gives 1280": penultimate_only_guard,
 }
 
 

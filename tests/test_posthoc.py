@@ -14,9 +14,11 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from conftest import guard_features_by_hooks
 from dermadetect.metrics import bootstrap_intervals, operating_point, reliability_bins, threshold_for_sensitivity
 from dermadetect.posthoc import (GUARD_REGULARISATION, DermoscopyGuard, adjusted_decisions, dihedral_batch,
-                                 energy_score, fit_adjustment_strength, fit_temperature, nll, softmax)
+                                 energy_score, fit_adjustment_strength, fit_temperature, forward_views, guard_width,
+                                 nll, softmax)
 from dermadetect.study import PHOTO_SAMPLES, fit_guard
 
 LABELS = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -136,29 +138,34 @@ def test_dihedral_views_are_the_eight_symmetries():
 
 
 def test_guard_matches_scikit_learn_and_round_trips(tmp_path):
-    """The guard's score is scikit-learn's logistic regression on [features, log Mahalanobis distance to the
-    nearest class mean] (distance computed here with numpy), standardised; saved and loaded it scores alike."""
+    """The guard's score is scikit-learn's logistic regression on [features, log Mahalanobis distance of the
+    penultimate part to the nearest class mean] (distance computed here with numpy), standardised; saved and
+    loaded it scores alike."""
     rng = np.random.default_rng(3)
     means = rng.normal(0, 5, (3, 6))
     labels = np.repeat(np.arange(3), 400)
-    features = means[labels] + rng.normal(0, 1, (1200, 6))
+    # 6 penultimate features, then 2 stage means that the distance leaves out
+    features = np.hstack([means[labels] + rng.normal(0, 1, (1200, 6)), rng.normal(0, 1, (1200, 2))])
     shifted = features + rng.normal(0, 0.5, features.shape)
-    others = rng.normal(0, 1, (60, 6)) * 3 + 12
-    guard = DermoscopyGuard.fit(features, labels, np.vstack([features, shifted]), others)
+    others = rng.normal(0, 1, (60, 8)) * 3 + 12
+    guard = DermoscopyGuard.fit(features, labels, np.vstack([features, shifted]), others, penultimate=6)
+    assert guard.width == 8
 
-    centred = features - means_of(features, labels)[labels]
+    penultimate = features[:, :6]
+    centred = penultimate - means_of(penultimate, labels)[labels]
     precision = LedoitWolf(assume_centered=True).fit(centred).get_precision()
-    fitted_means = means_of(features, labels)
+    fitted_means = means_of(penultimate, labels)
 
     def inputs(f):
-        distance = np.array([min((x - m) @ precision @ (x - m) for m in fitted_means) for x in f])
+        distance = np.array([min((x[:6] - m) @ precision @ (x[:6] - m) for m in fitted_means) for x in f])
         return np.hstack([f, np.log(distance)[:, None]])
 
     x = inputs(np.vstack([features, shifted, others]))
     y = np.r_[np.zeros(2400), np.ones(60)]
     reference = make_pipeline(StandardScaler(), LogisticRegression(C=GUARD_REGULARISATION, class_weight="balanced",
                                                                    max_iter=5000)).fit(x, y)
-    probe = np.vstack([means + rng.normal(0, 1, (3, 6)), rng.normal(0, 1, (3, 6)) * 3 + 12])
+    probe = np.vstack([np.hstack([means + rng.normal(0, 1, (3, 6)), rng.normal(0, 1, (3, 2))]),
+                       rng.normal(0, 1, (3, 8)) * 3 + 12])
     # float32 storage of the class Gaussians: agreement to a few parts in 1e4
     assert guard.score(probe) == pytest.approx(reference.decision_function(inputs(probe)), rel=1e-3, abs=1e-3)
     assert guard.score(probe[:3]).max() < 0 < guard.score(probe[3:]).min()  # dermoscopy-like vs not
@@ -166,6 +173,23 @@ def test_guard_matches_scikit_learn_and_round_trips(tmp_path):
     guard.save(tmp_path)
     loaded = DermoscopyGuard.load(tmp_path / "ood.safetensors", 1.5)
     assert loaded.score(probe) == pytest.approx(guard.score(probe), rel=1e-12) and loaded.threshold == 1.5
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet18", "convnextv2_atto"])
+def test_forward_views_gives_the_guard_the_last_stages_means(backbone):
+    """The guard's features from the one forward pass are the penultimate features and the means of the last
+    two feature stages, as forward hooks read them from the plain forward pass; the logits are the network's."""
+    import timm
+
+
+    torch.manual_seed(0)
+    model = timm.create_model(backbone, num_classes=7).eval()
+    pixels = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        _, logits, guard = forward_views(model, pixels, views=8)
+        torch.testing.assert_close(logits[:, 0], model(pixels))
+    assert guard.shape == (3, guard_width(model))
+    np.testing.assert_allclose(guard.numpy(), guard_features_by_hooks(model, pixels), rtol=1e-5, atol=1e-5)
 
 
 def test_guard_weighing_clinics_equally_flags_less_of_a_small_clinic():
@@ -183,7 +207,7 @@ def test_guard_weighing_clinics_equally_flags_less_of_a_small_clinic():
     new_large, new_small, new_negatives = draw(900, [0, 0, 0, 0]), draw(2000, [3, 0, 0, 0]), draw(500, [3, 4, 0, 0])
     flagged = {}
     for name, groups in (("pooled", None), ("clinics", clinics)):
-        guard = DermoscopyGuard.fit(features, labels, features, negatives, groups=groups)
+        guard = DermoscopyGuard.fit(features, labels, features, negatives, penultimate=4, groups=groups)
         threshold = np.quantile(np.r_[guard.score(new_large), guard.score(new_small[:100])], 0.96)
         flagged[name] = [np.mean(guard.score(x) > threshold) for x in (new_small, new_negatives)]
     assert flagged["clinics"][0] < flagged["pooled"][0] - 0.05
@@ -202,7 +226,7 @@ def test_guard_reports_how_it_flags_a_clinic_it_was_fitted_without():
 
     train, train_clinic = split(400)
     validation, validation_clinic = split(100)
-    outputs = {"train": {"features": train, "labels": np.arange(len(train)) % 3},
+    outputs = {"train": {"features": train, "labels": np.arange(len(train)) % 3, "penultimate": np.array(4)},
                "train_shifted": {"features": train + rng.normal(0, 0.3, train.shape)},
                "validation": {"features": validation},
                "validation_shifted": {"features": validation + rng.normal(0, 0.3, validation.shape)},
