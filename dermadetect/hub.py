@@ -28,7 +28,7 @@ from timm.data import resolve_model_data_config
 from timm.models import get_pretrained_cfg, save_for_hf
 
 from .labels import readable_name
-from .posthoc import OOD_FILE, DermoscopyGuard, PostHocSettings, SettingsError, guard_width
+from .posthoc import OOD_FILE, DermoscopyGuard, PostHocSettings, SettingsError
 from .transfer import without_xet
 
 CONFIG_FILE = "config.json"
@@ -215,9 +215,12 @@ def load_model(source: str) -> LoadedModel:
         raise ModelSourceError(f"{described}: this timm {timm.__version__} cannot build {config['architecture']} "
                                f"from its files ({exc}); {again}, or upgrade timm") from exc
     model.eval()
-    if ood is not None and ood.width != guard_width(model):
-        raise ModelSourceError(f"{described}: {OOD_FILE} scores {ood.width} features but this network gives "
-                               f"{guard_width(model)}: it is an older guard, or another model's; {again}")
+    try:
+        if ood is not None:
+            ood.check_network(model)
+    except SettingsError as exc:
+        raise ModelSourceError(f"{described}: {OOD_FILE}: {exc}; export the model again with this version "
+                               "(`python -m dermadetect evaluate RUN`, then `analyze` and `export`)") from exc
     return LoadedModel(model=model, architecture=config["architecture"],
                        label_names=tuple(config["label_names"]), data_config=resolve_model_data_config(model),
                        folder=folder, source=described, config=config, settings=settings, ood=ood)

@@ -34,7 +34,7 @@ from .inference import Predictor, open_image
 from .labels import melanoma_index
 from .metrics import classification_metrics, json_safe
 from .models import count_parameters, create_backbone
-from .posthoc import OOD_FILE, TTA_VIEWS, DermoscopyGuard, PostHocSettings, nll, softmax
+from .posthoc import OOD_FILE, TTA_VIEWS, DermoscopyGuard, PostHocSettings, SettingsError, nll, softmax
 from .report import plot_cam_gallery, read_backbone_row, write_backbone_plots, write_comparison
 from .shift import RandomShift, random_view
 from .study import PHOTO_SAMPLES, analyze, photo_samples
@@ -239,8 +239,9 @@ def read_outputs(run_dir: Path, name: str, cfg: RunConfig, data: LesionData) -> 
                              f"{run_dir}`")
     outputs = {split: dict(np.load(outputs_path(run_dir, name, split))) for split in expected}
     if not all("penultimate" in arrays for arrays in outputs.values()):
-        raise RunFolderError(f"{name}'s evaluation outputs hold no guard features (written by an older version): "
-                             f"run `python -m dermadetect evaluate {run_dir}` again")
+        raise RunFolderError(f"{name}'s evaluation outputs hold the penultimate features only (written before the "
+                             f"guard also saw the last feature stages): run `python -m dermadetect evaluate {run_dir}` "
+                             "again")
     sizes = {split: len(data.splits[split]) for split in ("train", "validation", "test")}
     if any(len(outputs[split]["labels"]) != size for split, size in sizes.items()) or \
             len(outputs["photos"]["labels"]) != len(PHOTO_SAMPLES) or \
@@ -281,6 +282,11 @@ def export_backbone(name: str, cfg: RunConfig, data: LesionData, run_info: dict,
     _, eval_tf, data_config = build_transforms(model, cfg.data)
     settings = PostHocSettings.from_json(json.loads((out / SETTINGS_FILE).read_text()), str(out / SETTINGS_FILE))
     detector = DermoscopyGuard.load(out / OOD_FILE, settings.ood_threshold)
+    try:
+        detector.check_network(model)
+    except SettingsError as exc:
+        raise RunFolderError(f"{name}: {exc}; run `python -m dermadetect evaluate {run_dir}` and `analyze` "
+                             "again") from exc
     loaded = LoadedModel(model=model, architecture=name, label_names=names, data_config=data_config, folder=out,
                          source=str(out), config={}, settings=settings, ood=detector)
     if cfg.train.explain_images:

@@ -191,10 +191,10 @@ class DermoscopyGuard:
             not_dermoscopy: np.ndarray, penultimate: int, strength: float = GUARD_REGULARISATION,
             groups: np.ndarray | None = None) -> "DermoscopyGuard":
         """Class Gaussians from the clean training images' penultimate features (the first `penultimate`
-        columns); the head from `dermoscopy` vs `not_dermoscopy`
-        features, the two sides weighted equally (the negatives are few). `groups` (the clinic of each
-        dermoscopy row) weighs each clinic equally, so that the head does not learn the largest clinic's
-        look as "dermoscopy" and flag images from clinics it never saw (docs/results.md)."""
+        columns); the head from `dermoscopy` vs `not_dermoscopy` features, the two sides weighted equally (the
+        negatives are few). `groups` (the clinic of each dermoscopy row) weighs each clinic equally, so that the
+        head does not learn the largest clinic's look as "dermoscopy" and flag images from clinics it never saw
+        (docs/results.md)."""
         means, precision = mahalanobis_fit(np.asarray(train_features)[:, :penultimate], train_labels)
         # float32 as saved, so the fitted and the loaded guard score alike
         guard = cls(*(torch.tensor(a, dtype=torch.float32) for a in (means, precision)),
@@ -229,6 +229,13 @@ class DermoscopyGuard:
     def width(self) -> int:
         """How many features the guard scores (guard_width of its network)."""
         return self.weight.numel() - 1
+
+    def check_network(self, model: torch.nn.Module) -> None:
+        """Refuse a guard fitted on other features than `model`'s forward_views gives (an older version's)."""
+        if self.width != guard_width(model):
+            raise SettingsError(f"the out-of-distribution guard was fitted on {self.width} features per image "
+                                f"but this network gives {guard_width(model)}: it was fitted by an older "
+                                "version, or for another model")
 
     def score(self, features) -> np.ndarray:
         standardised = (self.inputs(features) - self.centre.double().numpy()) / self.scale.double().numpy()

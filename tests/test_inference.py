@@ -192,7 +192,7 @@ DAMAGED_FOLDERS = {
         (f / "model.safetensors").read_bytes()[:1000]),
     "ood.safetensors cannot be read": lambda f: (edit_config(f, ood_threshold=1.0),
                                                  (f / "ood.safetensors").write_bytes(b"\x00" * 16)),
-    "ood.safetensors scores 512 features but this network gives 1280": penultimate_only_guard,
+    "guard was fitted on 512 features per image but this network gives 1280": penultimate_only_guard,
 }
 
 

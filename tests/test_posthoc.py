@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import timm
 import torch
 from sklearn.covariance import LedoitWolf
 from sklearn.linear_model import LogisticRegression
@@ -179,9 +180,6 @@ def test_guard_matches_scikit_learn_and_round_trips(tmp_path):
 def test_forward_views_gives_the_guard_the_last_stages_means(backbone):
     """The guard's features from the one forward pass are the penultimate features and the means of the last
     two feature stages, as forward hooks read them from the plain forward pass; the logits are the network's."""
-    import timm
-
-
     torch.manual_seed(0)
     model = timm.create_model(backbone, num_classes=7).eval()
     pixels = torch.randn(3, 3, 64, 64)
@@ -226,7 +224,7 @@ def test_guard_reports_how_it_flags_a_clinic_it_was_fitted_without():
 
     train, train_clinic = split(400)
     validation, validation_clinic = split(100)
-    outputs = {"train": {"features": train, "labels": np.arange(len(train)) % 3, "penultimate": np.array(4)},
+    outputs = {"train": {"features": train, "labels": np.arange(len(train)) % 3, "penultimate": np.array(3)},
                "train_shifted": {"features": train + rng.normal(0, 0.3, train.shape)},
                "validation": {"features": validation},
                "validation_shifted": {"features": validation + rng.normal(0, 0.3, validation.shape)},
