@@ -2,9 +2,9 @@
 
 The registered target layer of every backbone is the last module of timm's `forward_features` (whose output
 `forward_intermediates` also returns), so the network splits there: the features are computed once without a
-graph, made a leaf that requires grad, and only `forward_head` is differentiated. The CAM arithmetic is pytorch-grad-cam's own (`get_cam_image`,
-`scale_cam_image`, `aggregate_multi_layers`), so the map equals what its GradCAM etc. compute, at a fraction
-of the cost of a backward pass through the whole network.
+graph, made a leaf that requires grad, and only `forward_head` is differentiated. The CAM arithmetic is
+pytorch-grad-cam's own (`get_cam_image`, `scale_cam_image`, `aggregate_multi_layers`), so the map equals what
+its GradCAM etc. compute, at a fraction of the cost of a backward pass through the whole network.
 """
 
 from __future__ import annotations
