@@ -1,6 +1,8 @@
-"""The dermoscopy-vs-not guard of a run, fitted with the training clinics weighed equally (served) and pooled,
-scored on validation and the guard's photos only, from the run's evaluation outputs (RUN/BACKBONE/outputs_*.npz,
-written by `python -m dermadetect evaluate`): per variant, one JSON line with the cross-validated flag rates of the
+"""The dermoscopy-vs-not guard of a run under the choices it was made with, scored on validation and the guard's
+photos only, from the run's evaluation outputs (RUN/BACKBONE/outputs_*.npz, written by `python -m dermadetect
+evaluate`): its inputs (the served penultimate features and last stages' means, or the penultimate features
+alone), the share of validation its threshold passes (GUARD_KEEP and its neighbours) and the training clinics
+weighed equally (served) or pooled. Per variant, one JSON line with the cross-validated flag rates of the
 non-dermoscopic pictures, the photos of skin and the validation images, and, per HAM10000 clinic, the share of its
 validation images flagged by a guard fitted and thresholded without that clinic (dermoscopy from an unseen
 clinic, as uploads from other clinics are). `--out FILE` also writes the lines as JSON.
@@ -18,7 +20,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dermadetect.pipeline import load_run_data, read_outputs, read_run  # noqa: E402
-from dermadetect.study import clinics_of, fit_guard  # noqa: E402
+from dermadetect.study import GUARD_KEEP, clinics_of, fit_guard  # noqa: E402
+
+SERVED, PENULTIMATE = "penultimate features and last stages' means", "penultimate features only"
+# (inputs, share of validation passed, clinics weighed equally): the served guard first
+VARIANTS = ((SERVED, GUARD_KEEP, True), (SERVED, GUARD_KEEP, False), (SERVED, 0.96, True), (SERVED, 0.99, True),
+            (PENULTIMATE, 0.96, True), (PENULTIMATE, GUARD_KEEP, True))
+
+
+def penultimate_only(outputs: dict[str, dict]) -> dict[str, dict]:
+    """The outputs with each split's features cut to the penultimate part (the guard before the stages' means)."""
+    return {split: {**arrays, "features": arrays["features"][:, :int(arrays["penultimate"])]}
+            for split, arrays in outputs.items()}
 
 
 def main(argv=None) -> int:
@@ -34,10 +47,13 @@ def main(argv=None) -> int:
     if clinics is None:
         raise SystemExit("the run's data does not name the clinic of each image (no `dataset` column)")
     rows = []
-    for variant, weigh in (("clinics weighed equally", True), ("pooled", False)):
-        _, report = fit_guard(outputs, clinics, weigh_clinics=weigh)
+    for inputs, keep, weigh in VARIANTS:
+        _, report = fit_guard(outputs if inputs == SERVED else penultimate_only(outputs), clinics,
+                              weigh_clinics=weigh, keep=keep)
         held = report["cross_validated"]
-        rows.append({"variant": variant, "photos": len(outputs["photos"]["labels"]),
+        rows.append({"inputs": inputs, "validation_passed": keep,
+                     "clinics": "weighed equally" if weigh else "pooled", "served": not rows,
+                     "photos": len(outputs["photos"]["labels"]),
                      "photos_flagged": held["photos_flagged"], "photos_passed": held["photos_passed"],
                      "skin_photos_flagged": held.get("skin_photos_flagged"),
                      "validation_flagged": held["validation_flagged"],

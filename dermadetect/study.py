@@ -113,13 +113,13 @@ def subgroups(table, labels, probs, predictions, label_names, mel: int | None, m
 
 
 def fit_guard(outputs: dict[str, dict], clinics: dict[str, np.ndarray] | None = None,
-              weigh_clinics: bool = True) -> tuple[DermoscopyGuard, dict]:
+              weigh_clinics: bool = True, keep: float = GUARD_KEEP) -> tuple[DermoscopyGuard, dict]:
     """The served guard and its report. Dermoscopy: the training images, clean and through the upload shifts,
     each clinic weighed equally when `clinics` (train and validation: the clinic of each image) names them
-    (`weigh_clinics` False pools them, for benchmarks/bench_guard.py);
+    (`weigh_clinics` False pools them and `keep` moves the threshold, for benchmarks/bench_guard.py);
     not dermoscopy: the skin photos and the ordinary pictures, each as taken and in random framings (which
     teach the head more than the one picture, docs/results.md). The threshold passes
-    GUARD_KEEP of the validation images, clean and shifted. The photos' flag rates come from cross-validation:
+    `keep` of the validation images, clean and shifted. The photos' flag rates come from cross-validation:
     each fold scored by a guard fitted without it (skin photos grouped by lesion). Each clinic's validation
     images are also scored by a guard fitted without that clinic: how the guard treats dermoscopy from a
     clinic it never saw."""
@@ -139,8 +139,8 @@ def fit_guard(outputs: dict[str, dict], clinics: dict[str, np.ndarray] | None = 
         groups = np.tile(clinics["train"][seen], 2) if clinics is not None and weigh_clinics else None
         guard = DermoscopyGuard.fit(features, labels, np.vstack([features, shifted[seen]]), np.vstack(negatives),
                                     penultimate=int(train["penultimate"]), groups=groups)
-        guard.threshold = float(np.quantile(np.concatenate([guard.score(v[seen_validation]) for v in validation]),
-                                            GUARD_KEEP))
+        scores = np.concatenate([guard.score(v[seen_validation]) for v in validation])
+        guard.threshold = float(np.quantile(scores, keep))
         return guard
 
     guard = fit()
@@ -167,7 +167,7 @@ def fit_guard(outputs: dict[str, dict], clinics: dict[str, np.ndarray] | None = 
                   "photos of skin, each as taken and in random framings" +
                   (", each training clinic weighed equally" if clinics is not None and weigh_clinics else ""),
         "threshold": guard.threshold,
-        "threshold_rule": f"{GUARD_KEEP:.0%} of validation images pass, clean and through the upload shifts",
+        "threshold_rule": f"{keep:.0%} of validation images pass, clean and through the upload shifts",
         "photos": list(PHOTO_SAMPLES),
         "picture_views": int(framings["views"].max()) + 1,
         "validation_flagged": float(np.mean(guard.score(validation[0]) > guard.threshold)),

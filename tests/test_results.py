@@ -269,19 +269,30 @@ def test_robustness_benchmark_agrees_with_the_analysis_on_clean_test_images():
                                                             "aspect_4_3", "colour_cast", "blur", "rotate_37"}
 
 
-def test_guard_benchmark_scores_both_ways_of_weighing_clinics(smoke_run, tmp_path):
-    """benchmarks/bench_guard.py on a run's evaluation outputs: one line per variant, with every picture of the
-    evaluation pass and the photos of skin cross-validated."""
-    from dermadetect.study import PHOTO_SAMPLES
+def test_guard_benchmark_scores_the_choices_the_guard_was_made_with(smoke_run, tmp_path):
+    """benchmarks/bench_guard.py on a run's evaluation outputs: one line per variant, the served guard first, with
+    every picture of the evaluation pass and the photos of skin cross-validated. The same head with a threshold
+    that passes more of validation flags no more of anything."""
+    from dermadetect.study import GUARD_KEEP, PHOTO_SAMPLES
 
     out = tmp_path / "guard.json"
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_guard.py"), str(smoke_run), "resnet18",
                     "--out", str(out)], check=True, capture_output=True)
     lines = json.loads(out.read_text())
-    assert [line["variant"] for line in lines] == ["clinics weighed equally", "pooled"]
+    served = lines[0]
+    assert served["served"] and served["validation_passed"] == GUARD_KEEP and served["clinics"] == "weighed equally"
+    assert not any(line["served"] for line in lines[1:])
+    assert {line["clinics"] for line in lines} == {"weighed equally", "pooled"}
+    assert len({line["inputs"] for line in lines}) == 2
     for line in lines:
         assert line["photos"] == len(PHOTO_SAMPLES) and 0 <= line["skin_photos_flagged"] <= 1
         assert line["unseen_clinics"] == {}  # the smoke run validates on too few images of each clinic
+    same_head = sorted((line for line in lines if line["inputs"] == served["inputs"]
+                        and line["clinics"] == "weighed equally"), key=lambda line: line["validation_passed"])
+    assert len(same_head) == 3
+    for looser, stricter in zip(same_head, same_head[1:]):
+        for rate in ("photos_flagged", "skin_photos_flagged", "validation_flagged"):
+            assert stricter[rate] <= looser[rate]
 
 
 def test_ensemble_benchmark_of_a_model_with_itself_is_that_model(smoke_run, tmp_path):

@@ -334,6 +334,28 @@ def test_existing_run_is_not_overwritten(smoke_run, small_data):
     assert changed.returncode != 0 and "train.epochs, train.lr differ" in changed.stderr
 
 
+def test_export_refuses_a_guard_fitted_on_another_width(smoke_run, tmp_path):
+    """A run analysed before the guard saw the last feature stages (its guard scores the penultimate features
+    alone): export stops with one error line naming both widths and the stages to run again, and its served
+    folder is left as it was."""
+    run = Path(shutil.copytree(smoke_run, tmp_path / "run"))
+    guard = run / "resnet18" / "ood.safetensors"
+    tensors = safetensors_numpy.load_file(str(guard))
+    penultimate = tensors["means"].shape[1]
+    for key in ("centre", "scale", "weight"):  # the penultimate part and the distance, as the earlier guard had
+        tensors[key] = np.r_[tensors[key][:penultimate], tensors[key][-1:]]
+    safetensors_numpy.save_file(tensors, str(guard))
+    export = run / "resnet18" / "export"
+    before = {p.name: p.read_bytes() for p in export.iterdir() if p.is_file()}
+    result = subprocess.run([sys.executable, "-m", "dermadetect", "export", str(run)], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert last.startswith("error: resnet18") and f"fitted on {penultimate} features" in last, last
+    assert "evaluate" in last and "analyze" in last, last
+    assert {p.name: p.read_bytes() for p in export.iterdir() if p.is_file()} == before
+
+
 def test_skip_bad_images_run_reports_dropped_rows(small_data, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(small_data, root, symlinks=True)
