@@ -20,12 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dermadetect.pipeline import load_run_data, read_outputs, read_run  # noqa: E402
-from dermadetect.study import GUARD_KEEP, clinics_of, fit_guard  # noqa: E402
+from dermadetect.study import GUARD_KEEP, GUARD_KEEPS_TRIED, clinics_of, fit_guard  # noqa: E402
 
 SERVED, PENULTIMATE = "penultimate features and last stages' means", "penultimate features only"
-# (inputs, share of validation passed, clinics weighed equally): the served guard first
-VARIANTS = ((SERVED, GUARD_KEEP, True), (SERVED, GUARD_KEEP, False), (SERVED, 0.96, True), (SERVED, 0.99, True),
-            (PENULTIMATE, 0.96, True), (PENULTIMATE, GUARD_KEEP, True))
+# (inputs, share of validation passed, clinics weighed equally): the served guard, then the choices it beat
+VARIANTS = ((SERVED, GUARD_KEEP, True), (SERVED, GUARD_KEEP, False),
+            *((inputs, keep, True) for inputs in (SERVED, PENULTIMATE) for keep in GUARD_KEEPS_TRIED
+              if (inputs, keep) != (SERVED, GUARD_KEEP)))
 
 
 def penultimate_only(outputs: dict[str, dict]) -> dict[str, dict]:
@@ -48,11 +49,12 @@ def main(argv=None) -> int:
         raise SystemExit("the run's data does not name the clinic of each image (no `dataset` column)")
     rows = []
     for inputs, keep, weigh in VARIANTS:
-        _, report = fit_guard(outputs if inputs == SERVED else penultimate_only(outputs), clinics,
-                              weigh_clinics=weigh, keep=keep)
+        guard, report = fit_guard(outputs if inputs == SERVED else penultimate_only(outputs), clinics,
+                                  weigh_clinics=weigh, keep=keep)
         held = report["cross_validated"]
-        rows.append({"inputs": inputs, "validation_passed": keep,
-                     "clinics": "weighed equally" if weigh else "pooled", "served": not rows,
+        rows.append({"inputs": inputs, "features": guard.width, "validation_passed": keep,
+                     "clinics": "weighed equally" if weigh else "pooled", "threshold": guard.threshold,
+                     "served": (inputs, keep, weigh) == (SERVED, GUARD_KEEP, True),
                      "photos": len(outputs["photos"]["labels"]),
                      "photos_flagged": held["photos_flagged"], "photos_passed": held["photos_passed"],
                      "skin_photos_flagged": held.get("skin_photos_flagged"),

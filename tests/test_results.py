@@ -270,29 +270,35 @@ def test_robustness_benchmark_agrees_with_the_analysis_on_clean_test_images():
 
 
 def test_guard_benchmark_scores_the_choices_the_guard_was_made_with(smoke_run, tmp_path):
-    """benchmarks/bench_guard.py on a run's evaluation outputs: one line per variant, the served guard first, with
-    every picture of the evaluation pass and the photos of skin cross-validated. The same head with a threshold
-    that passes more of validation flags no more of anything."""
-    from dermadetect.study import GUARD_KEEP, PHOTO_SAMPLES
+    """benchmarks/bench_guard.py on a run's evaluation outputs: one line per variant, with every picture of the
+    evaluation pass and the photos of skin cross-validated; the served line is the analysis's guard. The same head
+    with a threshold that passes more of validation sits higher and flags no more of anything."""
+    from dermadetect.study import GUARD_KEEP, GUARD_KEEPS_TRIED, PHOTO_SAMPLES
 
     out = tmp_path / "guard.json"
     subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_guard.py"), str(smoke_run), "resnet18",
                     "--out", str(out)], check=True, capture_output=True)
     lines = json.loads(out.read_text())
-    served = lines[0]
-    assert served["served"] and served["validation_passed"] == GUARD_KEEP and served["clinics"] == "weighed equally"
-    assert not any(line["served"] for line in lines[1:])
+    analysis = json.loads((smoke_run / "resnet18" / "analysis.json").read_text())["ood"]
+    (served,) = [line for line in lines if line["served"]]
+    assert (served["validation_passed"], served["clinics"]) == (GUARD_KEEP, "weighed equally")
+    assert served["threshold"] == pytest.approx(analysis["threshold"])
+    for rate in ("photos_flagged", "skin_photos_flagged", "validation_flagged"):
+        assert served[rate] == pytest.approx(analysis["cross_validated"][rate])
     assert {line["clinics"] for line in lines} == {"weighed equally", "pooled"}
-    assert len({line["inputs"] for line in lines}) == 2
+    assert sorted({line["features"] for line in lines}) == [512, served["features"]]  # resnet18's penultimate
+    assert served["features"] > 512
     for line in lines:
         assert line["photos"] == len(PHOTO_SAMPLES) and 0 <= line["skin_photos_flagged"] <= 1
         assert line["unseen_clinics"] == {}  # the smoke run validates on too few images of each clinic
-    same_head = sorted((line for line in lines if line["inputs"] == served["inputs"]
-                        and line["clinics"] == "weighed equally"), key=lambda line: line["validation_passed"])
-    assert len(same_head) == 3
-    for looser, stricter in zip(same_head, same_head[1:]):
-        for rate in ("photos_flagged", "skin_photos_flagged", "validation_flagged"):
-            assert stricter[rate] <= looser[rate]
+    for features in (512, served["features"]):
+        same_head = sorted((line for line in lines if line["features"] == features
+                            and line["clinics"] == "weighed equally"), key=lambda line: line["validation_passed"])
+        assert [line["validation_passed"] for line in same_head] == list(GUARD_KEEPS_TRIED)
+        for looser, stricter in zip(same_head, same_head[1:]):
+            assert stricter["threshold"] > looser["threshold"]
+            for rate in ("photos_flagged", "skin_photos_flagged", "validation_flagged"):
+                assert stricter[rate] <= looser[rate]
 
 
 def test_ensemble_benchmark_of_a_model_with_itself_is_that_model(smoke_run, tmp_path):

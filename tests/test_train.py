@@ -346,14 +346,14 @@ def test_export_refuses_a_guard_fitted_on_another_width(smoke_run, tmp_path):
         tensors[key] = np.r_[tensors[key][:penultimate], tensors[key][-1:]]
     safetensors_numpy.save_file(tensors, str(guard))
     export = run / "resnet18" / "export"
-    before = {p.name: p.read_bytes() for p in export.iterdir() if p.is_file()}
+    before = {p: p.read_bytes() for p in export.rglob("*") if p.is_file()}
     result = subprocess.run([sys.executable, "-m", "dermadetect", "export", str(run)], cwd=REPO, capture_output=True,
                             text=True, timeout=600)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert last.startswith("error: resnet18") and f"fitted on {penultimate} features" in last, last
     assert "evaluate" in last and "analyze" in last, last
-    assert {p.name: p.read_bytes() for p in export.iterdir() if p.is_file()} == before
+    assert {p: p.read_bytes() for p in export.rglob("*") if p.is_file()} == before
 
 
 def test_skip_bad_images_run_reports_dropped_rows(small_data, tmp_path):
