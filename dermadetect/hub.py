@@ -215,12 +215,12 @@ def load_model(source: str) -> LoadedModel:
         raise ModelSourceError(f"{described}: this timm {timm.__version__} cannot build {config['architecture']} "
                                f"from its files ({exc}); {again}, or upgrade timm") from exc
     model.eval()
-    try:
-        if ood is not None:
+    if ood is not None:
+        try:
             ood.check_network(model)
-    except SettingsError as exc:
-        raise ModelSourceError(f"{described}: {OOD_FILE}: {exc}; export the model again with this version "
-                               "(`python -m dermadetect evaluate RUN`, then `analyze` and `export`)") from exc
+        except SettingsError as exc:
+            raise ModelSourceError(f"{described}: {OOD_FILE}: {exc}; export the model again with this version "
+                                   "(`python -m dermadetect evaluate RUN`, then `analyze` and `export`)") from exc
     return LoadedModel(model=model, architecture=config["architecture"],
                        label_names=tuple(config["label_names"]), data_config=resolve_model_data_config(model),
                        folder=folder, source=described, config=config, settings=settings, ood=ood)

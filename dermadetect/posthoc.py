@@ -232,10 +232,11 @@ class DermoscopyGuard:
 
     def check_network(self, model: torch.nn.Module) -> None:
         """Refuse a guard fitted on other features than `model`'s forward_views gives (an older version's)."""
-        if self.width != guard_width(model):
+        width = guard_width(model)
+        if self.width != width:
             raise SettingsError(f"the out-of-distribution guard was fitted on {self.width} features per image "
-                                f"but this network gives {guard_width(model)}: it was fitted by an older "
-                                "version, or for another model")
+                                f"but this network gives {width}: it was fitted by an older version, or for "
+                                "another model")
 
     def score(self, features) -> np.ndarray:
         standardised = (self.inputs(features) - self.centre.double().numpy()) / self.scale.double().numpy()
