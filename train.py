@@ -155,7 +155,7 @@ def fit_backbone(name: str, data: LesionData, cfg: RunConfig, accelerator, run_d
         return
     set_seed(cfg.train.seed)  # every backbone starts from the same seed: identical conditions
     model = create_backbone(name, len(data.label_names), cfg.model)
-    train_tf, eval_tf, _ = build_transforms(model, cfg.data)
+    train_tf, eval_tf, _ = build_transforms(model, cfg.data, served_framing=False)
     train_loader, val_loader = make_loaders(data, train_tf, eval_tf, cfg)
     # timm's factory: AdamW with no weight decay on norm layers and biases
     optimizer = create_optimizer_v2(model, opt=cfg.train.optimizer, lr=cfg.train.lr,

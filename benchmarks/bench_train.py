@@ -72,7 +72,7 @@ def main() -> None:
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
 
     model, _ = fresh_model()
-    train_tf, eval_tf, _ = build_transforms(model, cfg.data)
+    train_tf, eval_tf, _ = build_transforms(model, cfg.data, served_framing=False)
     # one untimed step first: oneDNN builds its kernels for these shapes on the first pass, which would
     # otherwise be charged to whichever loop runs first
     size, batch = cfg.data.image_size, cfg.train.batch_size

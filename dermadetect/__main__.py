@@ -169,7 +169,7 @@ def run_stage(stage: str, run_dir: Path, push_prefix: str | None = None, private
 
 RESULT_FILES = ("metrics.json", "explain_faithfulness.json", "analysis.json", "posthoc.json", "confusion_matrix.png",
                 "roc_curves.png", "training_curves.png", "gradcam_gallery.png", "reliability_diagram.png",
-                ROBUSTNESS_FILE, "robustness_validation.json", "guard_validation.json",
+                ROBUSTNESS_FILE, "robustness_validation.json", "guard_validation.json", "framing_validation.json",
                 # per image (ids, labels, calibrated probabilities, decision): every analysed number can be redone
                 "predictions_calibrated_validation.csv", "predictions_calibrated_test.csv")
 # the plot is drawn once every backbone is analysed; benchmarks/bench_ensemble.py --out writes the other

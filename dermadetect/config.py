@@ -21,12 +21,20 @@ class DataConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     image_size: int | None = None        # None: the backbone's own input size
+    eval_crop_pct: float | None = None   # share of the resized image the evaluation crop keeps (timm crop_pct);
+                                         # None: the backbone's own. 1.0 keeps the lesion's borders in the frame
     num_workers: int = 2
     rotation_degrees: float = 180.0      # dermoscopy has no canonical "up"
     shift_probability: float = 0.0       # chance of each upload shift in training (shift.RandomShift): lower
                                          # resolution, aspect, colour cast, blur, JPEG
     guard_photos: str | None = None      # folder of photos of skin taken without a dermatoscope: the
                                          # out-of-distribution guard learns to flag them (None: ordinary photos only)
+
+    def __post_init__(self):
+        crop = self.eval_crop_pct
+        if crop is not None and (isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1):
+            raise ValueError(f"data.eval_crop_pct is {crop!r}: it is the share of the resized image the evaluation "
+                             "crop keeps, a number above 0 and at most 1")
 
 
 @dataclass(frozen=True)

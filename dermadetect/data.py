@@ -441,11 +441,16 @@ def guard_photo_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def build_transforms(model: torch.nn.Module, cfg: DataConfig) -> tuple[T.Compose, T.Compose, dict]:
-    """(train, eval, data_config) from timm's data config for `model`, with dermoscopy augmentation."""
+def build_transforms(model: torch.nn.Module, cfg: DataConfig, served_framing: bool = True
+                     ) -> tuple[T.Compose, T.Compose, dict]:
+    """(train, eval, data_config) from timm's data config for `model`, with dermoscopy augmentation. The eval
+    crop is `cfg.eval_crop_pct` when `served_framing`; the fit selects its checkpoint with the backbone's own,
+    so that the framing can be chosen on validation after training without changing the weights."""
     data_config = resolve_model_data_config(model)
     if cfg.image_size:
         data_config["input_size"] = (3, cfg.image_size, cfg.image_size)
+    if served_framing and cfg.eval_crop_pct is not None:
+        data_config["crop_pct"] = cfg.eval_crop_pct
     common = dict(input_size=data_config["input_size"], interpolation=data_config["interpolation"],
                   mean=data_config["mean"], std=data_config["std"])
     train_tf = create_transform(**common, is_training=True, scale=(0.35, 1.0), hflip=0.5,

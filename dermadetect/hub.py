@@ -302,7 +302,9 @@ that shows how such a classifier behaves, including where it fails.
 - Recipe: {config['train']['epochs']} epochs, batch {config['train']['batch_size']}, {config['train']['optimizer']}
   lr {config['train']['lr']}, weight decay {config['train']['weight_decay']}, {config['train']['scheduler']} schedule,
   label smoothing {config['train']['label_smoothing']}, class weighting {config['train']['class_weighting']},
-  input {metrics['data_config']['input_size'][1]} px.
+  input {metrics['data_config']['input_size'][1]} px, evaluated and served with timm's crop_pct
+  {metrics['data_config']['crop_pct']} (the share of the resized image kept; the checkpoint was chosen with the
+  backbone's own).
 - Command: `{command}`. Every setting it resolved to, as a `--config` file for `train.py`:
 
 <details><summary>run settings (YAML)</summary>

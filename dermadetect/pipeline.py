@@ -199,7 +199,7 @@ def evaluate_backbone(name: str, cfg: RunConfig, data: LesionData, accelerator: 
                                        folder=np.array(str(cfg.data.guard_photos)))
     if accelerator.is_main_process:
         for split, arrays in outputs.items():
-            np.savez(outputs_path(run_dir, name, split), **arrays)
+            np.savez(outputs_path(run_dir, name, split), **arrays, eval_crop_pct=crop_setting(cfg))
         row = {"backbone": name, "checkpoint": str(out / BEST_DIR / "model.safetensors"),
                "test_split": data.test_description, "num_processes": accelerator.num_processes,
                "init": cfg.model.init_description(name),
@@ -231,6 +231,11 @@ def network_metrics(outputs: dict[str, np.ndarray], label_names) -> dict:
 
 # ---------------------------------------------------------------- analyze
 
+def crop_setting(cfg: RunConfig) -> np.ndarray:
+    """data.eval_crop_pct as the evaluation outputs record it (NaN: the backbone's own crop)."""
+    return np.array(np.nan if cfg.data.eval_crop_pct is None else cfg.data.eval_crop_pct)
+
+
 def read_outputs(run_dir: Path, name: str, cfg: RunConfig, data: LesionData) -> dict[str, dict]:
     """`name`'s evaluation outputs per split, refused when they are missing or were written for other images."""
     expected = [s for s in SPLIT_VIEWS if s != "guard_photos" or cfg.data.guard_photos]
@@ -248,6 +253,12 @@ def read_outputs(run_dir: Path, name: str, cfg: RunConfig, data: LesionData) -> 
             len(outputs["photo_framings"]["labels"]) != len(PHOTO_SAMPLES) * (GUARD_VIEWS + 1):
         raise RunFolderError(f"{name}'s evaluation outputs were written for other images than this version and "
                              f"the run's data give: run `python -m dermadetect evaluate {run_dir}` again")
+    # outputs from before the setting existed were framed with the backbone's own crop
+    recorded = [arrays.pop("eval_crop_pct", np.array(np.nan)) for arrays in outputs.values()]
+    if not all(np.array_equal(crop, crop_setting(cfg), equal_nan=True) for crop in recorded):
+        raise RunFolderError(f"{name}'s evaluation outputs were framed with another crop than data.eval_crop_pct "
+                             f"({cfg.data.eval_crop_pct}) in {run_dir}/config.json: run `python -m dermadetect "
+                             f"evaluate {run_dir}` again")
     return outputs
 
 

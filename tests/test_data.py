@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import json
 import logging
 import os
 import random
@@ -30,8 +31,11 @@ from dermadetect.data import (BadDataError, LabelledImages, LesionLeakError, bui
                               class_weights, collate, guard_photo_files, lesion_grouped_split, lesion_of,
                               load_lesion_data, yield_to_compute)
 from dermadetect.engine import start_epoch
+from dermadetect.hub import export_for_hub
+from dermadetect.inference import Predictor
 from dermadetect.labels import HAM10000_CLASSES
 from dermadetect.models import create_backbone
+from dermadetect.posthoc import PostHocSettings
 
 
 @pytest.fixture()
@@ -300,6 +304,31 @@ def test_class_weights_by_hand():
 def test_training_loader_shuffles_without_replacement(full_data):
     loader, _ = train.make_loaders(full_data, None, None, RunConfig(data=DataConfig(num_workers=0)))
     assert sorted(loader.sampler) == list(range(len(full_data.splits["train"])))
+
+
+def test_eval_crop_pct_frames_the_served_transform_and_not_the_checkpoint_selection(tmp_path):
+    """Lite0's own eval crop (timm crop_pct 0.875) cuts a 3% red border off; data.eval_crop_pct 1.0 keeps it in the
+    evaluation and served transform and in the exported config, while the fit keeps selecting its checkpoint
+    with the backbone's own crop. A crop outside (0, 1] is refused when the settings are read."""
+    image = Image.new("RGB", (200, 200), (255, 0, 0))
+    image.paste((128, 128, 128), (6, 6, 194, 194))
+    red, grey = (1.0 - 0.485) / 0.229, (128 / 255 - 0.485) / 0.229  # channel 0 after ImageNet normalisation
+    model = create_backbone("efficientnet_lite0", 7, ModelConfig(pretrained=False))
+    cfg = DataConfig(image_size=64, eval_crop_pct=1.0)
+    _, served, data_config = build_transforms(model, cfg)
+    _, selection, _ = build_transforms(model, cfg, served_framing=False)
+    _, own, own_config = build_transforms(model, DataConfig(image_size=64))
+    assert own_config["crop_pct"] == 0.875 and data_config["crop_pct"] == 1.0
+    corners = [(0, 0), (0, -1), (-1, 0), (-1, -1)]
+    assert all(abs(served(image)[0][c].item() - red) < 0.3 for c in corners)
+    for transform in (selection, own):
+        assert all(abs(transform(image)[0][c].item() - grey) < 0.05 for c in corners)
+    export = export_for_hub(model, "efficientnet_lite0", HAM10000_CLASSES, data_config, tmp_path, PostHocSettings())
+    assert json.loads((export / "config.json").read_text())["pretrained_cfg"]["crop_pct"] == 1.0
+    assert torch.equal(Predictor(str(export)).transform(image), served(image))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="eval_crop_pct is"):
+            RunConfig.from_dict({"data": {"eval_crop_pct": bad}})
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="batch helpers are forked processes: Linux only")

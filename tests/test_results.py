@@ -320,3 +320,26 @@ def test_ensemble_benchmark_of_a_model_with_itself_is_that_model(smoke_run, tmp_
     (other / "predictions_validation.csv").write_text("\n".join([table[0], *reversed(table[1:])]) + "\n")
     refused = subprocess.run([*bench, str(model), str(other)], capture_output=True, text=True)
     assert refused.returncode != 0 and "other images" in refused.stderr
+
+
+def test_framing_benchmark_scores_the_served_crop_as_the_evaluation_pass_did(smoke_run, tmp_path):
+    """The run's served crop (smoke.yaml: 1.0) scored by the framing benchmark's pass gives the balanced accuracies
+    the ensemble benchmark computes from the evaluation pass's outputs, in every condition; another crop is
+    compared with it by a lesion-bootstrap interval. A crop outside (0, 1] is refused in plain words."""
+    model, out, same = smoke_run / "resnet18", tmp_path / "framing.json", tmp_path / "same.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_framing.py"), str(smoke_run), "resnet18",
+                    "--crop-pcts", "1.0", "0.875", "--resamples", "50", "--out", str(out)], check=True,
+                   capture_output=True)
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_ensemble.py"), str(model), str(model),
+                    "--resamples", "10", "--out", str(same)], check=True, capture_output=True)
+    framing, evaluated = json.loads(out.read_text()), json.loads(same.read_text())
+    assert [(line["split"], line["views"]) for line in framing] == [(line["split"], line["views"])
+                                                                    for line in evaluated]
+    for line, reference in zip(framing, evaluated):
+        assert line["balanced_accuracy"]["1.0"] == pytest.approx(reference["balanced_accuracy"][str(model)])
+        low, high = line["minus_reference_95"]["0.875"]
+        assert low <= high and set(line["minus_reference_95"]) == {"0.875"}
+        assert line["melanoma_auc"]["0.875"] != line["melanoma_auc"]["1.0"]  # the other crop was really applied
+    refused = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_framing.py"), str(smoke_run),
+                              "resnet18", "--crop-pcts", "1.0", "1.5"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "eval_crop_pct is 1.5" in refused.stderr

@@ -372,6 +372,39 @@ def test_skip_bad_images_run_reports_dropped_rows(small_data, tmp_path):
         assert rows[0]["image_id"] not in f.read()
 
 
+def test_fit_selects_with_the_backbones_own_crop_and_stages_refuse_outputs_of_another(smoke_run):
+    """smoke.yaml serves crop 1.0 (data.eval_crop_pct), yet the validation loss each backbone's trainer state
+    recorded at its best epoch is that of its best checkpoint through timm's own evaluation transform for the
+    backbone: the served crop is chosen after training and leaves the weights as they are. The analysis refuses
+    evaluation outputs framed with another crop than the run's settings now give."""
+    import timm
+    from safetensors.torch import load_file
+    from timm.data import create_transform, resolve_model_data_config
+
+    from dermadetect.config import replace_nested
+    from dermadetect.engine import read_trainer_state
+    from dermadetect.pipeline import RunFolderError, load_run_data, read_outputs, read_run
+
+    cfg, _ = read_run(smoke_run)
+    data = load_run_data(smoke_run, cfg)
+    table, labels = data.splits["validation"], torch.as_tensor(data.labels("validation"))
+    for backbone in DEFAULT_BACKBONES:
+        model = timm.create_model(backbone, num_classes=7).eval()
+        model.load_state_dict(load_file(smoke_run / backbone / "best" / "model.safetensors"))
+        own = {**resolve_model_data_config(model), "input_size": (3, cfg.data.image_size, cfg.data.image_size)}
+        assert own["crop_pct"] != cfg.data.eval_crop_pct
+        transform = create_transform(**own, is_training=False)
+        with torch.no_grad():
+            logits = torch.cat([model(torch.stack([transform(image.convert("RGB")) for image in
+                                                   table[i:i + cfg.train.batch_size]["image"]]))
+                                for i in range(0, len(table), cfg.train.batch_size)])
+        state = read_trainer_state(smoke_run / backbone)
+        recorded = state.history[state.best_epoch - 1]["val_loss"]
+        assert torch.nn.functional.cross_entropy(logits, labels).item() == pytest.approx(recorded, abs=1e-4)
+    with pytest.raises(RunFolderError, match="another crop"):
+        read_outputs(smoke_run, "resnet18", replace_nested(cfg, data={"eval_crop_pct": 0.875}), data)
+
+
 def test_export_round_trip_matches_the_trained_model(smoke_run, small_data):
     """The exported folder rebuilds the best checkpoint (same logits) and the run's eval transform, both through
     the Predictor and through timm's own local-dir loader."""
@@ -381,13 +414,15 @@ def test_export_round_trip_matches_the_trained_model(smoke_run, small_data):
     from timm.data import create_transform, resolve_model_data_config
 
     from dermadetect.data import build_transforms
-    from dermadetect.config import DataConfig
+    from dermadetect.pipeline import read_run
     from dermadetect.inference import Predictor
 
+    served = read_run(smoke_run)[0].data
     for backbone in DEFAULT_BACKBONES:
         export = smoke_run / backbone / "export"
         config = json.loads((export / "config.json").read_text())
         assert config["architecture"] == backbone and config["num_classes"] == 7
+        assert config["pretrained_cfg"]["crop_pct"] == served.eval_crop_pct  # smoke.yaml's, not the backbone's
         assert config["label_names"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
         assert config["label_descriptions"]["mel"] == "Melanoma (mel)"
         faithfulness = json.loads((smoke_run / backbone / "explain_faithfulness.json").read_text())
@@ -397,7 +432,8 @@ def test_export_round_trip_matches_the_trained_model(smoke_run, small_data):
         trained = timm.create_model(backbone, num_classes=7)
         trained.load_state_dict(load_file(smoke_run / backbone / "best" / "model.safetensors"))
         trained.eval()
-        _, run_eval_tf, _ = build_transforms(trained, DataConfig(image_size=64))
+        assert resolve_model_data_config(trained)["crop_pct"] != served.eval_crop_pct  # the setting is exercised
+        _, run_eval_tf, _ = build_transforms(trained, served)
         from_timm = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
         predictor = Predictor(str(export))
         image = Image.open(next((small_data / "test").glob("*.jpg"))).convert("RGB")
