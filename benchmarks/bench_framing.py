@@ -69,6 +69,7 @@ def main() -> None:
             loader = accelerator.prepare(DataLoader(images, batch_size=cfg.train.batch_size, collate_fn=collate))
             outputs[crop, split] = collect_outputs(model, loader, accelerator, TTA_VIEWS if split == "validation"
                                                    else 1, desc=f"crop {crop} {split}")["logits"]
+    reference, resamples = args.crop_pcts[0], list(lesion_resamples(lesions, args.resamples))
     lines = []
     for split, views in CONDITIONS:
         calls, auc = {}, {}
@@ -78,8 +79,6 @@ def main() -> None:
             probs = softmax(outputs[crop, split][:, :views].mean(axis=1), fit_temperature(clean, labels))
             calls[crop] = served_cross_validated(probs, labels, lesions, prior)
             auc[crop] = float(roc_auc_score(labels == mel, probs[:, mel])) if mel is not None else None
-        reference = args.crop_pcts[0]
-        resamples = list(lesion_resamples(lesions, args.resamples))
         minus_reference = {crop: [float(np.percentile([balanced_accuracy(labels[i], calls[crop][i]) -
                                                        balanced_accuracy(labels[i], calls[reference][i])
                                                        for i in resamples], q)) for q in (2.5, 97.5)]
