@@ -29,7 +29,7 @@ from .inference import InvalidImageError, Predictor
 from .labels import DISCLAIMER
 from .pipeline import RunFolderError, evaluate_backbone, finish_run, load_run_data, read_run
 from .posthoc import OOD_FILE
-from .report import ROBUSTNESS_FILE, read_backbone_row, results_markdown, sweep_markdown
+from .report import PICTURES_FILE, ROBUSTNESS_FILE, read_backbone_row, results_markdown, sweep_markdown
 
 
 def main(argv=None) -> int:
@@ -169,7 +169,8 @@ def run_stage(stage: str, run_dir: Path, push_prefix: str | None = None, private
 
 RESULT_FILES = ("metrics.json", "explain_faithfulness.json", "analysis.json", "posthoc.json", "confusion_matrix.png",
                 "roc_curves.png", "training_curves.png", "gradcam_gallery.png", "reliability_diagram.png",
-                ROBUSTNESS_FILE, "robustness_validation.json", "guard_validation.json", "framing_validation.json",
+                ROBUSTNESS_FILE, PICTURES_FILE, "robustness_validation.json", "guard_validation.json",
+                "framing_validation.json",
                 # per image (ids, labels, calibrated probabilities, decision): every analysed number can be redone
                 "predictions_calibrated_validation.csv", "predictions_calibrated_test.csv")
 # the plot is drawn once every backbone is analysed; benchmarks/bench_ensemble.py --out writes the other

@@ -324,7 +324,7 @@ Per class, on the test split:
 | --- | --- | --- | --- | --- | --- |
 {per_class}
 
-{analysis_section(metrics.get("analysis"))}
+{analysis_section(metrics.get("analysis"), metrics.get("pictures"))}
 ## Limitations and bias
 - HAM10000 comes from clinics in Austria (Vienna) and Australia (Queensland); most patients have light skin,
   and the data has no skin-type labels, so performance on darker skin is unknown.
@@ -346,9 +346,10 @@ CC BY-NC 4.0, by the authors cited here. Cite the data:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
-def guard_checks(ood: dict) -> str:
+def guard_checks(ood: dict, pictures: list[dict] | None = None) -> str:
     """What the guard flags beyond the test set: the non-dermoscopic pictures and, where it was fitted with
-    photos of skin, those photos, each held out of the guard's fit by cross-validation."""
+    photos of skin, those photos, each held out of the guard's fit by cross-validation; and, where the served
+    model was benchmarked on them (benchmarks/bench_pictures.py), everyday pictures it was never fitted on."""
     photos = f"{len(ood['photos'])} non-dermoscopic pictures (samples shipped with Python packages)"
     held = ood.get("cross_validated")
     if held is None:  # the Mahalanobis guard of runs analysed before schema 2 was fitted without the pictures
@@ -366,6 +367,11 @@ def guard_checks(ood: dict) -> str:
                  "guard fitted and thresholded without that clinic): " +
                  ", ".join(f"{clinic} {r['flagged']:.0%} of {r['validation_images']}"
                            for clinic, r in ood["unseen_clinics"].items()))
+    if pictures:
+        every = pictures[-1]
+        line += (f"; {every['flagged_share']:.1%} of {every['pictures']} everyday pictures it was never fitted on "
+                 "(photographs, wallpapers and cut-out animals, objects and symbols from Debian's artwork packages, "
+                 "as uploads through the served model: `benchmarks/bench_pictures.py`)")
     return line + "."
 
 
@@ -397,7 +403,7 @@ def robustness_section(robustness: dict | None) -> str:
 """
 
 
-def analysis_section(analysis: dict | None) -> str:
+def analysis_section(analysis: dict | None, pictures: list[dict] | None = None) -> str:
     """The card's account of what was fitted after training (all on validation) and what it gives on test."""
     if not analysis:
         return ""
@@ -444,7 +450,7 @@ under `dermadetect`, and DermaDetect's `Predictor` applies them.
   NPV {_num(mel['test']['npv'])} (TP {mel['test']['tp']}, FP {mel['test']['fp']}, TN {mel['test']['tn']}, FN {mel['test']['fn']}).
 - Out-of-distribution guard: {ood['method']}; an image scoring above {ood['threshold']:.2f}
   ({ood['threshold_rule']}) is flagged as probably not a dermoscopy image. Flagged: {ood['test_flagged']:.1%} of
-  test images; {guard_checks(ood)}
+  test images; {guard_checks(ood, pictures)}
 
 Test metrics of the calibrated model and its decision with 95% bootstrap intervals ({analysis['bootstrap']['resamples']} resamples of
 lesions):

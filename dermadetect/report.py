@@ -16,6 +16,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay  # noqa: E40
 from .config import DataConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
 
 ROBUSTNESS_FILE = "robustness_test.json"   # benchmarks/bench_robustness.py --split test --out, per backbone
+PICTURES_FILE = "guard_pictures.json"      # benchmarks/bench_pictures.py --out, on the backbone's export
 
 COMPARISON_COLUMNS = (
     ("balanced_accuracy", "Bal. acc"), ("accuracy", "Acc"), ("f1_macro", "Macro F1"),
@@ -239,9 +240,11 @@ def sweep_markdown(folder: Path, reference: str = "base", backbone: str = "effic
 
 def read_backbone_row(folder: Path) -> dict:
     """A finished backbone's metrics.json, with its analysis.json (if analysed) under "analysis", where it
-    was pushed (hub.json) under "hub" and its robustness benchmark on test under "robustness"."""
+    was pushed (hub.json) under "hub", its robustness benchmark on test under "robustness" and its guard on
+    everyday pictures under "pictures"."""
     row = json.loads((Path(folder) / "metrics.json").read_text())
-    for key, name in (("analysis", "analysis.json"), ("hub", "hub.json"), ("robustness", ROBUSTNESS_FILE)):
+    for key, name in (("analysis", "analysis.json"), ("hub", "hub.json"), ("robustness", ROBUSTNESS_FILE),
+                      ("pictures", PICTURES_FILE)):
         if (Path(folder) / name).is_file():
             row[key] = json.loads((Path(folder) / name).read_text())
     return row

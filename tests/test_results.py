@@ -3,6 +3,7 @@ that train.py wrote (results/), and `python -m dermadetect publish` puts them th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -12,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
 import app
@@ -267,6 +269,68 @@ def test_robustness_benchmark_agrees_with_the_analysis_on_clean_test_images():
     assert clean["ood_flagged"] == pytest.approx(analysis["ood"]["test_flagged"], abs=3e-3)
     assert {r["condition"] for r in robustness["rows"]} >= {"clean", "downscale_128", "downscale_160", "jpeg_30",
                                                             "aspect_4_3", "colour_cast", "blur", "rotate_37"}
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_pictures_benchmark_scores_package_files_as_uploads(ham224, monkeypatch, tmp_path):
+    """benchmarks/bench_pictures.py through the bundled model: one line per package (Tux Paint's stamps per top
+    folder, without their mirrored copies; of each Plasma wallpaper its largest size): a picture is flagged, the
+    test image the evaluation pass scored most like dermoscopy passes, a file too small to upload is refused with
+    the reason. The interval is the textbook Wilson one."""
+    from skimage import data as pictures
+
+    bench = load_benchmark("bench_pictures")
+    assert bench.wilson(8, 10) == pytest.approx([0.4902, 0.9433], abs=1e-4)
+    assert bench.wilson(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    run, backbone = bundled_run()
+    rows, *_ = read_predictions(run / backbone / "predictions_calibrated_test.csv")
+    most_dermoscopic = min(rows, key=lambda r: float(r["ood_score"]))["image_id"]
+    stamps, wallpaper = tmp_path / "stamps", tmp_path / "wallpapers" / "Lesion" / "contents" / "images"
+    for folder in (stamps / "animals", stamps / "food", wallpaper):
+        folder.mkdir(parents=True)
+    files = {"tuxpaint-stamps-default": [stamps / "animals" / "cat.png", stamps / "animals" / "cat_mirror.png",
+                                        stamps / "food" / "nut.png"],
+             "plasma-workspace-wallpapers": [wallpaper / "100x100.png", wallpaper / "224x224.jpg",
+                                             wallpaper.parent / "screenshot.png"]}
+    for path in files["tuxpaint-stamps-default"][:2] + [wallpaper / "100x100.png", wallpaper.parent / "screenshot.png"]:
+        Image.fromarray(pictures.chelsea()).save(path)
+    Image.new("RGB", (20, 20), "brown").save(stamps / "food" / "nut.png")
+    shutil.copy(ham224 / "test" / f"{most_dermoscopic}.jpg", wallpaper / "224x224.jpg")
+    monkeypatch.setattr(bench, "STAMPS", stamps)
+    monkeypatch.setattr(bench, "package_files", lambda package: files.get(package, []))
+    out = tmp_path / "pictures.json"
+    bench.main(["--out", str(out)])
+    lines = {line["set"]: line for line in json.loads(out.read_text())}
+    assert lines["tuxpaint-stamps-default/animals"] | {"interval95": None} == {
+        "set": "tuxpaint-stamps-default/animals", "pictures": 1, "flagged": 1, "flagged_share": 1.0,
+        "interval95": None, "passed": [], "refused": []}
+    assert lines["plasma-workspace-wallpapers"]["passed"] == [str(wallpaper / "224x224.jpg")]
+    (refused,) = lines["tuxpaint-stamps-default/food"]["refused"]
+    assert refused.startswith(f"{stamps / 'food' / 'nut.png'}: the image is 20x20") and "32 pixels" in refused
+    every = lines["all"]
+    assert (every["pictures"], every["flagged"], every["model"]) == (2, 1, "models/" + app.BUNDLED_MODEL.name)
+    assert every["threshold"] == Predictor(str(app.BUNDLED_MODEL)).ood.threshold
+    with pytest.raises(SystemExit, match="dermadetect-no-such-package is not installed: apt-get install"):
+        load_benchmark("bench_pictures").package_files("dermadetect-no-such-package")
+
+
+def test_committed_pictures_benchmark_is_the_bundled_guards():
+    """The card's everyday-pictures figure (guard_pictures.json) was measured with the bundled guard, and its last
+    line adds up the sets."""
+    run, backbone = bundled_run()
+    lines = json.loads((run / backbone / "guard_pictures.json").read_text())
+    *sets, every = lines
+    assert every["threshold"] == json.loads((run / backbone / "analysis.json").read_text())["ood"]["threshold"]
+    for key in ("pictures", "flagged"):
+        assert every[key] == sum(line[key] for line in sets)
+    assert every["passed"] == [file for line in sets for file in line["passed"]]
+    assert every["flagged"] == every["pictures"] - len(every["passed"])
 
 
 def test_guard_benchmark_scores_the_choices_the_guard_was_made_with(smoke_run, tmp_path):
