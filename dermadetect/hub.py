@@ -367,11 +367,11 @@ def guard_checks(ood: dict, pictures: list[dict] | None = None) -> str:
                  "guard fitted and thresholded without that clinic): " +
                  ", ".join(f"{clinic} {r['flagged']:.0%} of {r['validation_images']}"
                            for clinic, r in ood["unseen_clinics"].items()))
-    if pictures:
-        every = pictures[-1]
+    every = pictures[-1] if pictures else {}
+    if every.get("threshold") == ood["threshold"] and every["pictures"]:  # measured with this guard, not an older
         line += (f"; {every['flagged_share']:.1%} of {every['pictures']} everyday pictures it was never fitted on "
-                 "(photographs, wallpapers and cut-out animals, objects and symbols from Debian's artwork packages, "
-                 "as uploads through the served model: `benchmarks/bench_pictures.py`)")
+                 "(wallpapers and cut-out animals, objects and symbols from Debian's artwork packages, as uploads "
+                 "through the served model: `benchmarks/bench_pictures.py`)")
     return line + "."
 
 

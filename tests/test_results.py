@@ -278,46 +278,67 @@ def load_benchmark(name: str):
     return bench
 
 
-def test_pictures_benchmark_scores_package_files_as_uploads(ham224, monkeypatch, tmp_path):
+def test_pictures_benchmark_scores_each_picture_once_as_an_upload(ham224, monkeypatch, tmp_path):
     """benchmarks/bench_pictures.py through the bundled model: one line per package (Tux Paint's stamps per top
-    folder, without their mirrored copies; of each Plasma wallpaper its largest size): a picture is flagged, the
-    test image the evaluation pass scored most like dermoscopy passes, a file too small to upload is refused with
-    the reason. The interval is the textbook Wilson one."""
+    folder), each picture once (a link, an identical copy, a mirrored copy and a preview thumbnail are left out; of
+    one picture's sizes the largest is scored): a picture is flagged, the test image the evaluation pass scored
+    most like dermoscopy passes, a file too small to upload is refused with the reason. The interval is the
+    textbook Wilson one."""
     from skimage import data as pictures
 
     bench = load_benchmark("bench_pictures")
-    assert bench.wilson(8, 10) == pytest.approx([0.4902, 0.9433], abs=1e-4)
-    assert bench.wilson(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
     run, backbone = bundled_run()
     rows, *_ = read_predictions(run / backbone / "predictions_calibrated_test.csv")
     most_dermoscopic = min(rows, key=lambda r: float(r["ood_score"]))["image_id"]
     stamps, wallpaper = tmp_path / "stamps", tmp_path / "wallpapers" / "Lesion" / "contents" / "images"
-    for folder in (stamps / "animals", stamps / "food", wallpaper):
+    for folder in (stamps / "animals", stamps / "people", stamps / "food", wallpaper):
         folder.mkdir(parents=True)
-    files = {"tuxpaint-stamps-default": [stamps / "animals" / "cat.png", stamps / "animals" / "cat_mirror.png",
-                                        stamps / "food" / "nut.png"],
-             "plasma-workspace-wallpapers": [wallpaper / "100x100.png", wallpaper / "224x224.jpg",
-                                             wallpaper.parent / "screenshot.png"]}
-    for path in files["tuxpaint-stamps-default"][:2] + [wallpaper / "100x100.png", wallpaper.parent / "screenshot.png"]:
-        Image.fromarray(pictures.chelsea()).save(path)
+    cat = Image.fromarray(pictures.chelsea())
+    for path in (stamps / "animals" / "cat.png", stamps / "animals" / "cat_mirror.png", stamps / "people" / "cat.png",
+                 wallpaper.parent / "screenshot.png"):
+        cat.save(path)
+    cat.resize((100, 66)).save(wallpaper / "100x66.png")  # named as a smaller size of the wallpaper
     Image.new("RGB", (20, 20), "brown").save(stamps / "food" / "nut.png")
     shutil.copy(ham224 / "test" / f"{most_dermoscopic}.jpg", wallpaper / "224x224.jpg")
+    (wallpaper / "640x480.jpg").symlink_to("224x224.jpg")
+    files = {"tuxpaint-stamps-default": sorted(stamps.rglob("*.png")),
+             "plasma-workspace-wallpapers": sorted(wallpaper.parent.rglob("*.*"))}
     monkeypatch.setattr(bench, "STAMPS", stamps)
     monkeypatch.setattr(bench, "package_files", lambda package: files.get(package, []))
     out = tmp_path / "pictures.json"
     bench.main(["--out", str(out)])
     lines = {line["set"]: line for line in json.loads(out.read_text())}
-    assert lines["tuxpaint-stamps-default/animals"] | {"interval95": None} == {
+    assert set(lines) == {"tuxpaint-stamps-default/animals", "tuxpaint-stamps-default/food",
+                          "plasma-workspace-wallpapers", "kind: wallpapers", "kind: cut-outs", "all"}
+    assert lines["tuxpaint-stamps-default/animals"] == {
         "set": "tuxpaint-stamps-default/animals", "pictures": 1, "flagged": 1, "flagged_share": 1.0,
-        "interval95": None, "passed": [], "refused": []}
-    assert lines["plasma-workspace-wallpapers"]["passed"] == [str(wallpaper / "224x224.jpg")]
+        "interval95": [0.2065, 1.0], "passed": [], "refused": []}
+    assert lines["plasma-workspace-wallpapers"]["passed"] == [str((wallpaper / "224x224.jpg").resolve())]
     (refused,) = lines["tuxpaint-stamps-default/food"]["refused"]
     assert refused.startswith(f"{stamps / 'food' / 'nut.png'}: the image is 20x20") and "32 pixels" in refused
+    assert (lines["kind: wallpapers"]["pictures"], lines["kind: cut-outs"]["refused"]) == (1, [refused])
     every = lines["all"]
     assert (every["pictures"], every["flagged"], every["model"]) == (2, 1, "models/" + app.BUNDLED_MODEL.name)
-    assert every["threshold"] == Predictor(str(app.BUNDLED_MODEL)).ood.threshold
-    with pytest.raises(SystemExit, match="dermadetect-no-such-package is not installed: apt-get install"):
-        load_benchmark("bench_pictures").package_files("dermadetect-no-such-package")
+    assert every["interval95"] == [0.0945, 0.9055]  # Wilson, 1 of 2; 1 of 1 above: 1 / (1 + 1.96^2)
+    assert every["threshold"] == json.loads((run / backbone / "analysis.json").read_text())["ood"]["threshold"]
+
+    def dpkg_refuses(command, **kwargs):
+        return subprocess.CompletedProcess(command, 1, "", f"dpkg-query: package '{command[-1]}' is not installed")
+    monkeypatch.setattr(subprocess, "run", dpkg_refuses)
+    with pytest.raises(SystemExit, match="mate-backgrounds is not installed .*: apt-get install mate-backgrounds"):
+        load_benchmark("bench_pictures").package_files("mate-backgrounds")
+
+
+def test_card_states_the_pictures_benchmark_only_for_the_guard_it_measured():
+    from dermadetect.hub import guard_checks
+
+    run, backbone = bundled_run()
+    ood = json.loads((run / backbone / "analysis.json").read_text())["ood"]
+    *sets, every = json.loads((run / backbone / "guard_pictures.json").read_text())
+    stated = f"{every['flagged_share']:.1%} of {every['pictures']} everyday pictures"
+    assert stated in guard_checks(ood, [*sets, every])
+    assert "everyday pictures" not in guard_checks(ood, [*sets, every | {"threshold": ood["threshold"] + 0.1}])
+    assert "everyday pictures" not in guard_checks(ood, None)
 
 
 def test_committed_pictures_benchmark_is_the_bundled_guards():
@@ -325,11 +346,15 @@ def test_committed_pictures_benchmark_is_the_bundled_guards():
     line adds up the sets."""
     run, backbone = bundled_run()
     lines = json.loads((run / backbone / "guard_pictures.json").read_text())
-    *sets, every = lines
+    every = lines[-1]
+    sets = [line for line in lines[:-1] if not line["set"].startswith("kind: ")]
+    kinds = [line for line in lines[:-1] if line["set"].startswith("kind: ")]
     assert every["threshold"] == json.loads((run / backbone / "analysis.json").read_text())["ood"]["threshold"]
-    for key in ("pictures", "flagged"):
-        assert every[key] == sum(line[key] for line in sets)
-    assert every["passed"] == [file for line in sets for file in line["passed"]]
+    for pooled in (sets, kinds):
+        for key in ("pictures", "flagged"):
+            assert every[key] == sum(line[key] for line in pooled)
+        for key in ("passed", "refused"):
+            assert sorted(every[key]) == sorted(file for line in pooled for file in line[key])
     assert every["flagged"] == every["pictures"] - len(every["passed"])
 
 
